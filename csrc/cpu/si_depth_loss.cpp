@@ -1,0 +1,112 @@
+// Scale-invariant depth loss (paper 001 Eq. 3) on CPU.
+//
+// Per image, over the N valid pixels with d = target - pred: S1 = sum d, S2 = sum d^2, and
+// L = S2 / N - S1^2 / (2 N^2); the result is the mean over images with N > 0 (0 if none).
+// Sums are accumulated in double, which keeps float32 images of any size exact.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace pyamalgam {
+namespace {
+
+struct Moments {
+  double n = 0, s1 = 0, s2 = 0;
+  Moments operator+(const Moments& o) const { return {n + o.n, s1 + o.s1, s2 + o.s2}; }
+};
+
+// Moments of each image; pred/target/mask are (B, P) contiguous, mask may be undefined.
+template <typename scalar_t>
+std::vector<Moments> image_moments(const scalar_t* pred, const scalar_t* target, const bool* mask, int64_t B,
+                                   int64_t P) {
+  std::vector<Moments> out(B);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t off = b * P;
+    out[b] = at::parallel_reduce(
+        0, P, 4096, Moments{},
+        [&](int64_t begin, int64_t end, Moments acc) {
+          for (int64_t p = begin; p < end; ++p) {
+            if (mask && !mask[off + p]) continue;
+            const double d = static_cast<double>(target[off + p]) - static_cast<double>(pred[off + p]);
+            acc.n += 1;
+            acc.s1 += d;
+            acc.s2 += d * d;
+          }
+          return acc;
+        },
+        [](const Moments& a, const Moments& b) { return a + b; });
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flat(const at::Tensor& pred, const at::Tensor& target,
+                                                    const std::optional<at::Tensor>& mask) {
+  const int64_t B = pred.size(0);
+  auto m = mask.has_value() ? mask->reshape({B, -1}).contiguous() : at::Tensor();
+  return {pred.reshape({B, -1}).contiguous(), target.reshape({B, -1}).contiguous(), m};
+}
+
+at::Tensor si_depth_loss_cpu(const at::Tensor& pred_in, const at::Tensor& target_in,
+                             const std::optional<at::Tensor>& mask_in) {
+  auto [pred, target, mask] = flat(pred_in, target_in, mask_in);
+  const int64_t B = pred.size(0), P = pred.size(1);
+  double total = 0;
+  int64_t images = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "si_depth_loss_cpu", [&] {
+    const auto mom = image_moments<scalar_t>(pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(),
+                                             mask.defined() ? mask.const_data_ptr<bool>() : nullptr, B, P);
+    for (const auto& m : mom) {
+      if (m.n == 0) continue;
+      total += m.s2 / m.n - m.s1 * m.s1 / (2 * m.n * m.n);
+      ++images;
+    }
+  });
+  return at::scalar_tensor(images ? total / images : 0.0, pred.options());
+}
+
+// dL/dd_p = (2 d_p / N - S1 / N^2) / M for valid p (M = images with a valid pixel);
+// d = target - pred, so grad_target = +that and grad_pred = -that.
+std::tuple<at::Tensor, at::Tensor> si_depth_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& pred_in,
+                                                              const at::Tensor& target_in,
+                                                              const std::optional<at::Tensor>& mask_in) {
+  auto [pred, target, mask] = flat(pred_in, target_in, mask_in);
+  const int64_t B = pred.size(0), P = pred.size(1);
+  auto grad_pred = at::empty_like(pred);
+  auto grad_target = at::empty_like(pred);
+  const double g = grad.item<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "si_depth_loss_backward_cpu", [&] {
+    const scalar_t* pp = pred.const_data_ptr<scalar_t>();
+    const scalar_t* tp = target.const_data_ptr<scalar_t>();
+    const bool* mp = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
+    const auto mom = image_moments<scalar_t>(pp, tp, mp, B, P);
+    int64_t images = 0;
+    for (const auto& m : mom) images += m.n > 0;
+    scalar_t* gp = grad_pred.data_ptr<scalar_t>();
+    scalar_t* gt = grad_target.data_ptr<scalar_t>();
+    at::parallel_for(0, B * P, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const Moments& m = mom[i / P];
+        double v = 0;
+        if (m.n > 0 && (!mp || mp[i])) {
+          const double d = static_cast<double>(tp[i]) - static_cast<double>(pp[i]);
+          v = g * (2 * d / m.n - m.s1 / (m.n * m.n)) / images;
+        }
+        gp[i] = static_cast<scalar_t>(-v);
+        gt[i] = static_cast<scalar_t>(v);
+      }
+    });
+  });
+  return {grad_pred.view(pred_in.sizes()), grad_target.view(target_in.sizes())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyamalgam, CPU, m) {
+  m.impl("si_depth_loss", &si_depth_loss_cpu);
+  m.impl("si_depth_loss_backward", &si_depth_loss_backward_cpu);
+}
+
+}  // namespace pyamalgam

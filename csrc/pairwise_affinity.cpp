@@ -1,0 +1,144 @@
+// Full-graph pair-wise distillation loss (thesis §3.3.1, Eq. 3.2, alpha = all nodes), exact and
+// linear in the number of nodes N. Device-generic: built from ATen calls, registered for CPU
+// (and CUDA when compiled), so both backends share one algorithm.
+//
+// With S (N x Cs) and T (N x Ct) the L2-normalised node features, the loss of an image is
+// ||S S^T - T T^T||_F^2 / N^2. Expanding it into Gram matrices, ||S^T S||^2 - 2 ||S^T T||^2 +
+// ||T^T T||^2, is linear in N but subtracts numbers of size ~N^2 to get a result that goes to 0 as
+// the student learns: it loses every digit exactly when distillation matters. Instead:
+//   * let A be the side with fewer channels, B the other (the loss is symmetric);
+//   * rotate A onto B with the orthogonal Procrustes solution Q = U V^T of A^T B = U S V^T. Q has
+//     orthonormal rows, so A' = A Q has the same affinities as A (A' A'^T = A A^T) and lies as
+//     close to B as any such rotation allows, also when the two differ by a rotation;
+//   * with D = B - A' and P = B + A':  B B^T - A' A'^T = (P D^T + D P^T) / 2, hence
+//     ||M||^2 = ( <P^T P, D^T D> + ||D^T P||^2 ) / 2,
+//     and both terms are >= 0 (Procrustes makes A'^T B symmetric, so D^T P = B^T B - A'^T A' is
+//     symmetric): no cancellation, every quantity is formed from the small difference D.
+// Everything runs in float64; the work is O(N C^2) and the memory O(N C).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace pyamalgam {
+namespace {
+
+// (B, C, H, W) -> (B, N, C) float64 node features: patch x patch average pools, row-major.
+at::Tensor pool_nodes(const at::Tensor& f, int64_t patch) {
+  auto x = f.to(at::kDouble);
+  if (patch > 1) {
+    x = at::avg_pool2d(x, {patch, patch}, {patch, patch}, {0, 0}, /*ceil_mode=*/true,
+                       /*count_include_pad=*/false);
+  }
+  return x.flatten(2).transpose(1, 2).contiguous();
+}
+
+// Adjoint of pool_nodes: (B, N, C) node gradients -> (B, C, H, W) in f's dtype and layout.
+at::Tensor unpool_nodes(const at::Tensor& g_nodes, const at::Tensor& f, int64_t patch) {
+  const int64_t B = f.size(0), C = f.size(1), H = f.size(2), W = f.size(3);
+  const int64_t hp = (H + patch - 1) / patch, wp = (W + patch - 1) / patch;
+  auto g = g_nodes.transpose(1, 2).reshape({B, C, hp, wp});
+  if (patch > 1) {
+    g = at::avg_pool2d_backward(g, f.to(at::kDouble), {patch, patch}, {patch, patch}, {0, 0},
+                                /*ceil_mode=*/true, /*count_include_pad=*/false, std::nullopt);
+  }
+  auto out = at::empty(f.sizes(), f.options().memory_format(dense_format(f)));
+  out.copy_(g);
+  return out;
+}
+
+// L2-normalised rows and the reciprocal norms; a zero row stays zero (reciprocal 0).
+std::pair<at::Tensor, at::Tensor> normalize(const at::Tensor& v) {
+  auto norm = v.norm(2, {-1}, /*keepdim=*/true);
+  auto inv = at::where(norm > 0, norm.reciprocal(), at::zeros_like(norm));
+  return {v * inv, inv};
+}
+
+// Backward of normalize: (g - v_hat (v_hat . g)) / ||v||, and 0 for zero rows.
+at::Tensor normalize_backward(const at::Tensor& g, const at::Tensor& v_hat, const at::Tensor& inv) {
+  return (g - v_hat * (v_hat * g).sum(-1, /*keepdim=*/true)) * inv;
+}
+
+struct Aligned {
+  at::Tensor q;          // (B, Ca, Cb), orthonormal rows
+  at::Tensor p, d;       // (B, N, Cb): B + A Q, B - A Q
+  at::Tensor gpp, gdd, g1;  // P^T P, D^T D, D^T P
+};
+
+Aligned align(const at::Tensor& a, const at::Tensor& b) {
+  // A non-finite input must reach the loss as NaN, not make the SVD fail: decompose a cleaned
+  // matrix (any orthonormal Q keeps the identity exact) and let the NaN flow through A and B.
+  auto k = at::nan_to_num(at::bmm(a.transpose(1, 2), b), 0.0, 0.0, 0.0);
+  auto [u, s, vh] = at::linalg_svd(k, /*full_matrices=*/false);
+  Aligned r;
+  r.q = at::bmm(u, vh);
+  auto a_rot = at::bmm(a, r.q);
+  r.p = b + a_rot;
+  r.d = b - a_rot;
+  r.gpp = at::bmm(r.p.transpose(1, 2), r.p);
+  r.gdd = at::bmm(r.d.transpose(1, 2), r.d);
+  r.g1 = at::bmm(r.d.transpose(1, 2), r.p);
+  return r;
+}
+
+struct Sides {
+  at::Tensor s_hat, s_inv, t_hat, t_inv;
+  bool student_is_b;  // B is the side with more channels (ties: the student)
+};
+
+Sides prepare(const at::Tensor& fs, const at::Tensor& ft, int64_t patch) {
+  Sides r;
+  std::tie(r.s_hat, r.s_inv) = normalize(pool_nodes(fs, patch));
+  std::tie(r.t_hat, r.t_inv) = normalize(pool_nodes(ft, patch));
+  r.student_is_b = fs.size(1) >= ft.size(1);
+  return r;
+}
+
+at::Tensor pairwise_affinity_loss_impl(const at::Tensor& fs, const at::Tensor& ft, int64_t patch) {
+  const auto sd = prepare(fs, ft, patch);
+  const auto& a = sd.student_is_b ? sd.t_hat : sd.s_hat;
+  const auto& b = sd.student_is_b ? sd.s_hat : sd.t_hat;
+  const auto r = align(a, b);
+  const double n = static_cast<double>(a.size(1));
+  auto per_image = 0.5 * ((r.gpp * r.gdd).sum({1, 2}) + (r.g1 * r.g1).sum({1, 2})) / (n * n);
+  return per_image.mean().to(fs.scalar_type());
+}
+
+// d||M||^2/dB = 4 M B, d||M||^2/dA' = -4 M A', with M B and M A' expanded in P and D so that,
+// like the forward, they are formed from small quantities:
+//   4 M B  = P (G1 + Gdd) + D (Gpp + G1^T),   4 M A' = P (G1 - Gdd) + D (Gpp - G1^T).
+// Q is held fixed: the loss is the same for every Q with orthonormal rows.
+std::tuple<at::Tensor, at::Tensor> pairwise_affinity_loss_backward_impl(const at::Tensor& grad,
+                                                                        const at::Tensor& fs,
+                                                                        const at::Tensor& ft, int64_t patch) {
+  const auto sd = prepare(fs, ft, patch);
+  const auto& a = sd.student_is_b ? sd.t_hat : sd.s_hat;
+  const auto& b = sd.student_is_b ? sd.s_hat : sd.t_hat;
+  const auto r = align(a, b);
+  const double n = static_cast<double>(a.size(1));
+  const auto scale = grad.to(at::kDouble) / (static_cast<double>(fs.size(0)) * n * n);
+  const auto g1t = r.g1.transpose(1, 2);
+  auto g_b = (at::bmm(r.p, r.g1 + r.gdd) + at::bmm(r.d, r.gpp + g1t)) * scale;
+  auto g_a = at::bmm(at::bmm(r.p, r.g1 - r.gdd) + at::bmm(r.d, r.gpp - g1t), r.q.transpose(1, 2)) * (-scale);
+  auto g_s_hat = sd.student_is_b ? g_b : g_a;
+  auto g_t_hat = sd.student_is_b ? g_a : g_b;
+  auto g_s = unpool_nodes(normalize_backward(g_s_hat, sd.s_hat, sd.s_inv), fs, patch);
+  auto g_t = unpool_nodes(normalize_backward(g_t_hat, sd.t_hat, sd.t_inv), ft, patch);
+  return {g_s, g_t};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyamalgam, CPU, m) {
+  m.impl("pairwise_affinity_loss", &pairwise_affinity_loss_impl);
+  m.impl("pairwise_affinity_loss_backward", &pairwise_affinity_loss_backward_impl);
+}
+
+#ifdef PYAMALGAM_WITH_CUDA
+TORCH_LIBRARY_IMPL(pyamalgam, CUDA, m) {
+  m.impl("pairwise_affinity_loss", &pairwise_affinity_loss_impl);
+  m.impl("pairwise_affinity_loss_backward", &pairwise_affinity_loss_backward_impl);
+}
+#endif
+
+}  // namespace pyamalgam

@@ -1,0 +1,38 @@
+// Schemas of pyamalgam's operators and the small non-tensor Python surface (build_info).
+//
+// Kernels are registered per dispatch key in cpu/<op>.cpp and cuda/<op>.cu; fake (meta) kernels
+// and autograd are registered from Python (pyamalgam/ops/*.py), as in pytorch/extension-cpp.
+#include <torch/library.h>
+#include <pybind11/pybind11.h>
+
+TORCH_LIBRARY(pyamalgam, m) {
+  m.def("channel_coding(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor");
+  m.def("channel_coding_backward(Tensor grad, Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("soft_argmax_depth(Tensor logits, float bin_size) -> Tensor");
+  m.def("soft_argmax_depth_backward(Tensor grad, Tensor logits, float bin_size) -> Tensor");
+  m.def("si_depth_loss(Tensor pred, Tensor target, Tensor? mask) -> Tensor");
+  m.def("si_depth_loss_backward(Tensor grad, Tensor pred, Tensor target, Tensor? mask) -> (Tensor, Tensor)");
+  m.def("pairwise_affinity_loss(Tensor fs, Tensor ft, int patch) -> Tensor");
+  m.def("pairwise_affinity_loss_backward(Tensor grad, Tensor fs, Tensor ft, int patch) -> (Tensor, Tensor)");
+}
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyamalgam's compiled operators (registered under torch.ops.pyamalgam)";
+  m.def("build_info", [] {
+    py::dict info;
+    info["torch_version"] = PYAMALGAM_TORCH_VERSION;
+#ifdef PYAMALGAM_WITH_CUDA
+    info["with_cuda"] = true;
+    info["cuda_version"] = PYAMALGAM_CUDA_VERSION;
+    info["cuda_archs"] = PYAMALGAM_CUDA_ARCHS;
+#else
+    info["with_cuda"] = false;
+    info["cuda_version"] = py::none();
+    info["cuda_archs"] = "";
+#endif
+    return info;
+  });
+}

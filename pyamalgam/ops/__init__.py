@@ -1,0 +1,11 @@
+"""Fused operators of the method, as PyTorch custom operators (``torch.ops.pyamalgam.*``).
+
+Each has a plain-PyTorch twin with the same signature in :mod:`pyamalgam.ops.reference`.
+"""
+from .. import _extension  # noqa: F401  (loads the kernels and checks the torch version)
+from . import reference
+from .channel_coding import channel_coding
+from .depth import si_depth_loss, soft_argmax_depth
+from .pairwise import pairwise_affinity_loss
+
+__all__ = ["channel_coding", "soft_argmax_depth", "si_depth_loss", "pairwise_affinity_loss", "reference"]

@@ -1,0 +1,66 @@
+"""Pair-wise (affinity) distillation of the thesis, §3.3.1, exact and linear in the number of nodes."""
+from __future__ import annotations
+
+import torch
+
+from . import _validate as v
+
+__all__ = ["pairwise_affinity_loss"]
+
+
+def pairwise_affinity_loss(fs: torch.Tensor, ft: torch.Tensor, patch: int = 1) -> torch.Tensor:
+    """Full-graph pair-wise distillation loss (thesis Eq. 3.2 with alpha = all nodes).
+
+    Nodes are the non-overlapping ``patch x patch`` average pools of a feature map (a ragged border
+    cell averages the pixels it has); each node's C-vector is L2-normalised (a zero vector stays
+    zero), ``a_ij = f_i^T f_j``, and the loss is the mean over all node pairs of
+    ``(a^s_ij - a^t_ij)^2``, averaged over the batch.
+
+    The N x N affinity matrices are never formed: time and memory are linear in N, and the result
+    is exact (float64 inside, cancellation-free also when student and teacher agree up to a
+    rotation of their features; see csrc/pairwise_affinity.cpp).
+
+    Args:
+        fs: student features (B, Cs, H, W).
+        ft: teacher features (B, Ct, H, W); Ct may differ from Cs, B, H, W may not.
+        patch: side of a node's cell in pixels (>= 1).
+    """
+    v.tensor("fs", fs, ndim=4)
+    v.tensor("ft", ft, ndim=4)
+    patch = v.positive_int("patch", patch)
+    if fs.shape[0] != ft.shape[0] or fs.shape[2:] != ft.shape[2:]:
+        raise ValueError(
+            "fs and ft must have the same batch and spatial sizes (channels may differ): "
+            f"fs is {tuple(fs.shape)}, ft is {tuple(ft.shape)}"
+        )
+    v.same("device", "fs", fs, ft=ft)
+    v.same("dtype", "fs", fs, ft=ft)
+    return torch.ops.pyamalgam.pairwise_affinity_loss.default(fs, ft, patch)
+
+
+@torch.library.register_fake("pyamalgam::pairwise_affinity_loss")
+def _(fs, ft, patch):
+    return fs.new_empty(())
+
+
+@torch.library.register_fake("pyamalgam::pairwise_affinity_loss_backward")
+def _(grad, fs, ft, patch):
+    return (
+        torch.empty_like(fs, memory_format=v.dense_format(fs)),
+        torch.empty_like(ft, memory_format=v.dense_format(ft)),
+    )
+
+
+def _setup(ctx, inputs, output):
+    fs, ft, patch = inputs
+    ctx.save_for_backward(fs, ft)
+    ctx.patch = patch
+
+
+def _backward(ctx, grad):
+    fs, ft = ctx.saved_tensors
+    grad_s, grad_t = torch.ops.pyamalgam.pairwise_affinity_loss_backward.default(grad, fs, ft, ctx.patch)
+    return grad_s, grad_t, None
+
+
+torch.library.register_autograd("pyamalgam::pairwise_affinity_loss", _backward, setup_context=_setup)

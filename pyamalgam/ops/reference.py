@@ -1,0 +1,100 @@
+"""Plain-PyTorch formulas of the fused operators.
+
+Each function has the signature and semantics of its fused twin in :mod:`pyamalgam.ops`.
+They materialise every intermediate (the pair-wise one builds both N x N affinity
+matrices), so they are the independent ground truth of the tests and the export fallback,
+not something to train with.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "channel_coding",
+    "soft_argmax_depth",
+    "si_depth_loss",
+    "pairwise_affinity_loss",
+    "pool_nodes",
+    "normalize_nodes",
+]
+
+
+def channel_coding(x, w1, b1, w2, b2):
+    """Channel coding (paper 001 §5.1.1, Fig. 3): a squeeze-excitation style rescale.
+
+    ``s = sigmoid(w2 @ relu(w1 @ mean_HW(x) + b1) + b2)``, returns ``x * s[:, :, None, None]``.
+    """
+    pooled = x.mean(dim=(2, 3))
+    hidden = torch.relu(pooled @ w1.t() + b1)
+    scale = torch.sigmoid(hidden @ w2.t() + b2)
+    return x * scale[:, :, None, None]
+
+
+def soft_argmax_depth(logits, bin_size):
+    """Eq. 2: ``D_i = sum_b b * l * softmax(r_i)_b`` with bins numbered 1..N_d."""
+    bins = torch.arange(1, logits.shape[1] + 1, device=logits.device, dtype=logits.dtype)
+    prob = torch.softmax(logits, dim=1)
+    return bin_size * (prob * bins[None, :, None, None]).sum(dim=1)
+
+
+def si_depth_loss(pred, target, mask=None):
+    """Eq. 3, the scale-invariant depth loss, per image then averaged.
+
+    With ``d = target - pred`` over the N valid pixels of an image:
+    ``(1/N) sum d^2 - (1/(2 N^2)) (sum d)^2``. Images with no valid pixel are left out of the
+    mean; a batch with none at all gives 0 (and zero gradients).
+    """
+    if mask is None:
+        mask = torch.ones_like(pred, dtype=torch.bool)
+    b = pred.shape[0]
+    d = (target - pred).reshape(b, -1)
+    m = mask.reshape(b, -1).to(d.dtype)
+    d = torch.where(m > 0, d, torch.zeros_like(d))  # a masked NaN must not leak in
+    n = m.sum(dim=1)
+    s1 = d.sum(dim=1)
+    s2 = (d * d).sum(dim=1)
+    has = n > 0
+    safe_n = torch.where(has, n, torch.ones_like(n))
+    per_image = s2 / safe_n - s1 * s1 / (2 * safe_n * safe_n)
+    per_image = torch.where(has, per_image, torch.zeros_like(per_image))
+    count = has.sum()
+    return per_image.sum() / count.clamp_min(1).to(per_image.dtype)
+
+
+def pool_nodes(f, patch):
+    """Average ``patch x patch`` non-overlapping cells; a ragged border cell averages what it has.
+
+    Returns (B, N, C) with nodes in row-major order of the cell grid.
+    """
+    if patch == 1:
+        pooled = f
+    else:
+        # ceil_mode with padding=0: the border window is clipped to the input, and
+        # count_include_pad=False divides by the number of pixels it really covers.
+        pooled = F.avg_pool2d(f, patch, patch, ceil_mode=True, count_include_pad=False)
+        hp, wp = math.ceil(f.shape[2] / patch), math.ceil(f.shape[3] / patch)
+        assert pooled.shape[2:] == (hp, wp)
+    return pooled.flatten(2).transpose(1, 2)
+
+
+def normalize_nodes(v):
+    """L2-normalise each node's C-vector; a zero vector stays zero (and has zero gradient)."""
+    norm = v.norm(dim=-1, keepdim=True)
+    nonzero = norm > 0
+    return torch.where(nonzero, v / torch.where(nonzero, norm, torch.ones_like(norm)), torch.zeros_like(v))
+
+
+def pairwise_affinity_loss(fs, ft, patch=1):
+    """Thesis §3.3.1, Eq. 3.2 with alpha = all nodes: full-graph pair-wise distillation.
+
+    ``a_ij = f_i^T f_j`` over L2-normalised node features; the loss is the mean over all node
+    pairs of ``(a^s_ij - a^t_ij)^2``, averaged over the batch. Builds both N x N matrices.
+    """
+    s = normalize_nodes(pool_nodes(fs, patch))
+    t = normalize_nodes(pool_nodes(ft, patch))
+    a_s = s @ s.transpose(1, 2)
+    a_t = t @ t.transpose(1, 2)
+    return ((a_s - a_t) ** 2).mean(dim=(1, 2)).mean()
