@@ -1,0 +1,34 @@
+"""Input makers shared by the op tests (CPU here, CUDA in test_ops_cuda.py)."""
+import torch
+
+# (B, C, H, W): awkward on purpose: B=1, C=1, odd sizes, sizes no patch divides.
+SHAPES = [(1, 1, 1, 1), (1, 1, 5, 3), (2, 3, 7, 9), (3, 16, 4, 5), (1, 5, 13, 1), (4, 8, 6, 11)]
+
+
+def channel_coding_args(b, c, h, w, dtype=torch.float64, device="cpu", reduction=2, gen=None):
+    r = max(1, c // reduction)
+    kw = {"dtype": dtype, "device": device, "generator": gen}
+    x = torch.randn(b, c, h, w, **kw)
+    return x, torch.randn(r, c, **kw), torch.randn(r, **kw), torch.randn(c, r, **kw), torch.randn(c, **kw)
+
+
+def depth_args(b, h, w, dtype=torch.float64, device="cpu", p_valid=0.7, gen=None):
+    kw = {"dtype": dtype, "device": device, "generator": gen}
+    pred = torch.rand(b, h, w, **kw) * 5
+    target = torch.rand(b, h, w, **kw) * 5
+    mask = torch.rand(b, h, w, device=device, generator=gen) < p_valid
+    return pred, target, mask
+
+
+def as_layout(t, layout):
+    """The same values in another memory layout: 'contiguous', 'channels_last' or 'strided'."""
+    if layout == "contiguous":
+        return t.contiguous()
+    if layout == "channels_last":
+        return t.to(memory_format=torch.channels_last)
+    # Non-dense: every other column of a twice-as-wide tensor.
+    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    out = wide[..., ::2]
+    assert not out.is_contiguous()
+    return out
