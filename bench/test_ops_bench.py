@@ -1,0 +1,117 @@
+"""Fused operators vs their eager reference vs torch.compile(reference), in one run (CPU).
+
+    pytest bench/test_ops_bench.py --benchmark-group-by=group --benchmark-columns=median,iqr,rounds
+
+Each group holds the three implementations of one op, shape and mode (fwd or fwd+bwd), so the
+ratios come from the same run on the same machine. ``test_pairwise_scaling`` records how the fused
+pair-wise op grows from N = 1k to 64k nodes; ``test_pairwise_peak_memory`` its peak memory.
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pyamalgam import ops
+from pyamalgam.ops import reference as ref
+
+torch.manual_seed(0)
+
+
+def _channel_coding(b=8, c=64, h=60, w=80):
+    r = c // 4
+    return [torch.randn(b, c, h, w), torch.randn(r, c) * 0.1, torch.zeros(r), torch.randn(c, r) * 0.1, torch.zeros(c)]
+
+
+def _pairwise(b=4, c=64, h=64, w=64):
+    return [torch.randn(b, c, h, w), torch.randn(b, c, h, w)]
+
+
+def _depth(b=8, h=240, w=320):
+    return [torch.rand(b, h, w) * 10, torch.rand(b, h, w) * 10, torch.rand(b, h, w) > 0.1]
+
+
+CASES = {
+    "channel_coding B8 C64 60x80": (ops.channel_coding, ref.channel_coding, _channel_coding, 5),
+    "soft_argmax_depth B4 Nd64 120x160": (
+        lambda l: ops.soft_argmax_depth(l, 0.1), lambda l: ref.soft_argmax_depth(l, 0.1), lambda: [torch.randn(4, 64, 120, 160)], 1),
+    "si_depth_loss B8 240x320": (ops.si_depth_loss, ref.si_depth_loss, _depth, 2),
+    "pairwise_affinity_loss B4 C64 64x64": (ops.pairwise_affinity_loss, ref.pairwise_affinity_loss, _pairwise, 2),
+}
+_compiled = {}
+
+
+def _impl(name, impl):
+    fused, reference, _, _ = CASES[name]
+    if impl == "fused":
+        return fused
+    if impl == "eager":
+        return reference
+    if name not in _compiled:
+        _compiled[name] = torch.compile(reference, fullgraph=True, dynamic=False)
+    return _compiled[name]
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("impl", ["fused", "eager", "compile"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_op(benchmark, name, impl, mode):
+    fn = _impl(name, impl)
+    _, _, make, n_grad = CASES[name]
+    args = make()
+    if mode == "fwd+bwd":
+        for a in args[:n_grad]:
+            a.requires_grad_()
+
+    def step():
+        out = fn(*args)
+        if mode == "fwd+bwd":
+            out.sum().backward()
+            for a in args[:n_grad]:
+                a.grad = None
+        return out
+
+    step()  # warm-up (and compilation)
+    benchmark.group = f"{name} {mode}"
+    benchmark.extra_info.update(op=name, impl=impl, mode=mode)
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (64, 64), (128, 128), (256, 256)])
+def test_pairwise_scaling(benchmark, hw):
+    """N = 1024 .. 65536 nodes at B=1, C=64, forward+backward: the time must grow linearly."""
+    fs, ft = [t.requires_grad_() for t in _pairwise(1, 64, *hw)]
+
+    def step():
+        ops.pairwise_affinity_loss(fs, ft).backward()
+
+    step()
+    benchmark.group = "pairwise scaling (fused, fwd+bwd, B1 C64)"
+    benchmark.extra_info.update(nodes=hw[0] * hw[1])
+    benchmark.pedantic(step, rounds=3, warmup_rounds=0)
+
+
+_PEAK = r"""
+import json, resource, sys, torch
+from pyamalgam import ops
+from pyamalgam.ops import reference as ref
+fn = {"fused": ops.pairwise_affinity_loss, "eager": ref.pairwise_affinity_loss}[sys.argv[1]]
+fs = torch.randn(4, 64, 64, 64, requires_grad=True); ft = torch.randn(4, 64, 64, 64, requires_grad=True)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+fn(fs, ft).backward()
+print(json.dumps({"peak_extra_bytes": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024}))
+"""
+
+
+@pytest.mark.parametrize("impl", ["fused", "eager"])
+def test_pairwise_peak_memory(benchmark, impl):
+    """Peak resident memory added by one fwd+bwd at B4 C64 64x64, measured in a fresh process."""
+
+    def run():
+        out = subprocess.run([sys.executable, "-c", _PEAK, impl], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)["peak_extra_bytes"]
+
+    peak = benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.group = "pairwise peak memory (B4 C64 64x64, fwd+bwd)"
+    benchmark.extra_info.update(impl=impl, peak_extra_bytes=peak)
