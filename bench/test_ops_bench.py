@@ -105,11 +105,11 @@ print(json.dumps({"peak_extra_bytes": (resource.getrusage(resource.RUSAGE_SELF).
 
 
 @pytest.mark.parametrize("impl", ["fused", "eager"])
-def test_pairwise_peak_memory(benchmark, impl):
+def test_pairwise_peak_memory(benchmark, impl, tmp_path, pyamalgam_env):
     """Peak resident memory added by one fwd+bwd at B4 C64 64x64, measured in a fresh process."""
 
     def run():
-        out = subprocess.run([sys.executable, "-c", _PEAK, impl], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", _PEAK, impl], capture_output=True, text=True, check=True, cwd=tmp_path, env=pyamalgam_env)
         return json.loads(out.stdout)["peak_extra_bytes"]
 
     peak = benchmark.pedantic(run, rounds=1, iterations=1)

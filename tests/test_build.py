@@ -19,10 +19,10 @@ def test_mismatched_torch_is_refused_with_instructions():
     _extension.check_torch_matches({"torch_version": torch.__version__})
 
 
-def test_data_and_metrics_do_not_need_the_extension():
+def test_data_and_metrics_do_not_need_the_extension(tmp_path, pyamalgam_env):
     import subprocess
     import sys
 
     code = "import sys, pyamalgam; import pyamalgam.data, pyamalgam.metrics; assert 'pyamalgam._C' not in sys.modules"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=pyamalgam_env)
     assert out.returncode == 0, out.stderr
