@@ -1,0 +1,27 @@
+"""Data sets for multi-task dense prediction (segmentation, depth, surface normals).
+
+Every data set yields one sample as a dict of tensors (works with the default ``DataLoader``
+collate):
+
+* ``"image"``: float32 (3, H, W) in [0, 1]
+* ``"seg"``: int64 (H, W) class ids, ``ignore_index`` (255) where unknown
+* ``"depth"``: float32 (H, W) z-depth in metres (along the optical axis), 0 where invalid
+* ``"normal"``: float32 (3, H, W) unit normals in camera coordinates (x right, y down,
+  z forward), facing the camera, zeros where invalid
+* ``"mask"``: bool (H, W), True where depth (and normal, where the data set has normals) are valid
+
+and exposes ``num_classes``, ``class_names``, ``ignore_index``, ``max_depth`` and ``tasks``.
+
+* :class:`SyntheticScenes`: procedurally rendered rooms with exact ground truth (no download);
+* :class:`NYUv2`: the pre-processed multi-task NYU Depth v2 ``.npy`` release;
+* :class:`Cityscapes`: official layout, depth from disparity, no normals.
+
+This sub-package imports nothing else from pyamalgam (no compiled extension needed).
+"""
+from ._common import SAMPLE_KEYS
+from .cityscapes import CATEGORY_NAMES, TRAIN_ID_NAMES, Cityscapes
+from .nyuv2 import NYUV2_CLASS_NAMES, NYUv2
+from .synthetic import SceneSpec, SyntheticScenes
+
+__all__ = ["SyntheticScenes", "NYUv2", "Cityscapes", "SceneSpec", "SAMPLE_KEYS",
+           "NYUV2_CLASS_NAMES", "TRAIN_ID_NAMES", "CATEGORY_NAMES"]
