@@ -13,6 +13,8 @@ import torch.nn.functional as F
 #: Keys every data set in :mod:`pyamalgam.data` yields, in this order.
 SAMPLE_KEYS = ("image", "seg", "depth", "normal", "mask")
 
+from .._checks import check_int  # noqa: F401  (the loaders import it from here)
+
 Sample = Dict[str, torch.Tensor]
 
 
@@ -20,18 +22,6 @@ def check_choice(name: str, value, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         want = ", ".join(repr(c) for c in choices)
         raise ValueError(f"{name} must be one of {want}, got {value!r}")
-    return value
-
-
-def check_int(name: str, value, minimum: Optional[int] = None) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
 
 

@@ -6,7 +6,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .segmentation import _check_int, _check_mask, _check_tensor
+from .._checks import check_int
+from .segmentation import _check_mask, _check_tensor
 
 __all__ = ["NormalMetric", "angular_error"]
 
@@ -54,7 +55,7 @@ class NormalMetric:
     """
 
     def __init__(self, median_bins: Optional[int] = None) -> None:
-        self.median_bins = None if median_bins is None else _check_int("median_bins", median_bins, minimum=1)
+        self.median_bins = None if median_bins is None else check_int("median_bins", median_bins, minimum=1)
         self.reset()
 
     def __repr__(self) -> str:

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import math
-import operator
 from typing import Dict, Optional
 
 import torch
+
+from .._checks import check_int
 
 __all__ = ["SegmentationMetric"]
 
@@ -32,18 +33,6 @@ def _check_mask(mask, shape: torch.Size, target_name: str = "target") -> Optiona
         raise ValueError(f"mask must have the shape of {target_name} {tuple(shape)} "
                          f"(or with a singleton channel dim), got {tuple(mask.shape)}")
     return mask
-
-
-def _check_int(name: str, value, minimum: Optional[int] = None) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 class SegmentationMetric:
@@ -76,8 +65,8 @@ class SegmentationMetric:
     """
 
     def __init__(self, num_classes: int, ignore_index: Optional[int] = 255) -> None:
-        self.num_classes = _check_int("num_classes", num_classes, minimum=1)
-        self.ignore_index = None if ignore_index is None else _check_int("ignore_index", ignore_index)
+        self.num_classes = check_int("num_classes", num_classes, minimum=1)
+        self.ignore_index = None if ignore_index is None else check_int("ignore_index", ignore_index)
         self.reset()
 
     def __repr__(self) -> str:

@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from .._checks import check_int
 from .._extension import has_cuda_kernels
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -54,11 +55,7 @@ def positive_float(name: str, value) -> float:
 
 
 def positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
+    return check_int(name, value, minimum=1)
 
 
 def dense_format(x: torch.Tensor) -> torch.memory_format:
