@@ -14,30 +14,38 @@
 //     ||M||^2 = ( <P^T P, D^T D> + ||D^T P||^2 ) / 2,
 //     and both terms are >= 0 (Procrustes makes A'^T B symmetric, so D^T P = B^T B - A'^T A' is
 //     symmetric): no cancellation, every quantity is formed from the small difference D.
-// Everything runs in float64; the work is O(N C^2) and the memory O(N C).
+// Precision: the steps where cancellation lives (normalisation, the rotation A Q and the
+// differences D) run in float64. The products of P and D with themselves then only need the
+// relative precision of the inputs: float32 for float32/16 inputs, float64 for float64 inputs.
+// The work is O(N C^2) and the memory O(N C).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "common.h"
+#include "pairwise_affinity.h"
 
 namespace pyamalgam {
 namespace {
 
-// (B, C, H, W) -> (B, N, C) float64 node features: patch x patch average pools, row-major.
-at::Tensor pool_nodes(const at::Tensor& f, int64_t patch) {
+// Generic (any device) versions of the node kernels in pairwise_affinity.h, built from ATen.
+std::pair<at::Tensor, at::Tensor> normalized_nodes_aten(const at::Tensor& f, int64_t patch) {
   auto x = f.to(at::kDouble);
   if (patch > 1) {
     x = at::avg_pool2d(x, {patch, patch}, {patch, patch}, {0, 0}, /*ceil_mode=*/true,
                        /*count_include_pad=*/false);
   }
-  return x.flatten(2).transpose(1, 2).contiguous();
+  auto v = x.flatten(2).transpose(1, 2);
+  auto norm = v.norm(2, {-1}, /*keepdim=*/true);
+  auto inv = at::where(norm > 0, norm.reciprocal(), at::zeros_like(norm));
+  return {(v * inv).contiguous(), inv};
 }
 
-// Adjoint of pool_nodes: (B, N, C) node gradients -> (B, C, H, W) in f's dtype and layout.
-at::Tensor unpool_nodes(const at::Tensor& g_nodes, const at::Tensor& f, int64_t patch) {
+at::Tensor normalized_nodes_backward_aten(const at::Tensor& g_hat, const at::Tensor& hat, const at::Tensor& inv,
+                                          const at::Tensor& f, int64_t patch) {
   const int64_t B = f.size(0), C = f.size(1), H = f.size(2), W = f.size(3);
   const int64_t hp = (H + patch - 1) / patch, wp = (W + patch - 1) / patch;
-  auto g = g_nodes.transpose(1, 2).reshape({B, C, hp, wp});
+  auto g_v = (g_hat - hat * (hat * g_hat).sum(-1, /*keepdim=*/true)) * inv;
+  auto g = g_v.transpose(1, 2).reshape({B, C, hp, wp});
   if (patch > 1) {
     g = at::avg_pool2d_backward(g, f.to(at::kDouble), {patch, patch}, {patch, patch}, {0, 0},
                                 /*ceil_mode=*/true, /*count_include_pad=*/false, std::nullopt);
@@ -47,16 +55,14 @@ at::Tensor unpool_nodes(const at::Tensor& g_nodes, const at::Tensor& f, int64_t 
   return out;
 }
 
-// L2-normalised rows and the reciprocal norms; a zero row stays zero (reciprocal 0).
-std::pair<at::Tensor, at::Tensor> normalize(const at::Tensor& v) {
-  auto norm = v.norm(2, {-1}, /*keepdim=*/true);
-  auto inv = at::where(norm > 0, norm.reciprocal(), at::zeros_like(norm));
-  return {v * inv, inv};
+std::pair<at::Tensor, at::Tensor> normalized_nodes(const at::Tensor& f, int64_t patch) {
+  return f.is_cpu() ? normalized_nodes_cpu(f, patch) : normalized_nodes_aten(f, patch);
 }
 
-// Backward of normalize: (g - v_hat (v_hat . g)) / ||v||, and 0 for zero rows.
-at::Tensor normalize_backward(const at::Tensor& g, const at::Tensor& v_hat, const at::Tensor& inv) {
-  return (g - v_hat * (v_hat * g).sum(-1, /*keepdim=*/true)) * inv;
+at::Tensor normalized_nodes_backward(const at::Tensor& g_hat, const at::Tensor& hat, const at::Tensor& inv,
+                                     const at::Tensor& f, int64_t patch) {
+  return f.is_cpu() ? normalized_nodes_backward_cpu(g_hat, hat, inv, f, patch)
+                    : normalized_nodes_backward_aten(g_hat, hat, inv, f, patch);
 }
 
 struct Aligned {
@@ -65,7 +71,8 @@ struct Aligned {
   at::Tensor gpp, gdd, g1;  // P^T P, D^T D, D^T P
 };
 
-Aligned align(const at::Tensor& a, const at::Tensor& b) {
+// `a`, `b`: float64 normalised nodes; P, D and their products are kept in `gram_dtype`.
+Aligned align(const at::Tensor& a, const at::Tensor& b, at::ScalarType gram_dtype) {
   // A non-finite input must reach the loss as NaN, not make the SVD fail: decompose a cleaned
   // matrix (any orthonormal Q keeps the identity exact) and let the NaN flow through A and B.
   auto k = at::nan_to_num(at::bmm(a.transpose(1, 2), b), 0.0, 0.0, 0.0);
@@ -73,8 +80,8 @@ Aligned align(const at::Tensor& a, const at::Tensor& b) {
   Aligned r;
   r.q = at::bmm(u, vh);
   auto a_rot = at::bmm(a, r.q);
-  r.p = b + a_rot;
-  r.d = b - a_rot;
+  r.p = (b + a_rot).to(gram_dtype);
+  r.d = (b - a_rot).to(gram_dtype);
   r.gpp = at::bmm(r.p.transpose(1, 2), r.p);
   r.gdd = at::bmm(r.d.transpose(1, 2), r.d);
   r.g1 = at::bmm(r.d.transpose(1, 2), r.p);
@@ -84,13 +91,15 @@ Aligned align(const at::Tensor& a, const at::Tensor& b) {
 struct Sides {
   at::Tensor s_hat, s_inv, t_hat, t_inv;
   bool student_is_b;  // B is the side with more channels (ties: the student)
+  at::ScalarType gram_dtype;
 };
 
 Sides prepare(const at::Tensor& fs, const at::Tensor& ft, int64_t patch) {
   Sides r;
-  std::tie(r.s_hat, r.s_inv) = normalize(pool_nodes(fs, patch));
-  std::tie(r.t_hat, r.t_inv) = normalize(pool_nodes(ft, patch));
+  std::tie(r.s_hat, r.s_inv) = normalized_nodes(fs, patch);
+  std::tie(r.t_hat, r.t_inv) = normalized_nodes(ft, patch);
   r.student_is_b = fs.size(1) >= ft.size(1);
+  r.gram_dtype = fs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return r;
 }
 
@@ -98,9 +107,10 @@ at::Tensor pairwise_affinity_loss_impl(const at::Tensor& fs, const at::Tensor& f
   const auto sd = prepare(fs, ft, patch);
   const auto& a = sd.student_is_b ? sd.t_hat : sd.s_hat;
   const auto& b = sd.student_is_b ? sd.s_hat : sd.t_hat;
-  const auto r = align(a, b);
+  const auto r = align(a, b, sd.gram_dtype);
   const double n = static_cast<double>(a.size(1));
-  auto per_image = 0.5 * ((r.gpp * r.gdd).sum({1, 2}) + (r.g1 * r.g1).sum({1, 2})) / (n * n);
+  // Both terms are sums of non-negative numbers (see the top): float64 sums keep them exact.
+  auto per_image = 0.5 * ((r.gpp * r.gdd).sum({1, 2}, false, at::kDouble) + (r.g1 * r.g1).sum({1, 2}, false, at::kDouble)) / (n * n);
   return per_image.mean().to(fs.scalar_type());
 }
 
@@ -114,16 +124,16 @@ std::tuple<at::Tensor, at::Tensor> pairwise_affinity_loss_backward_impl(const at
   const auto sd = prepare(fs, ft, patch);
   const auto& a = sd.student_is_b ? sd.t_hat : sd.s_hat;
   const auto& b = sd.student_is_b ? sd.s_hat : sd.t_hat;
-  const auto r = align(a, b);
+  const auto r = align(a, b, sd.gram_dtype);
   const double n = static_cast<double>(a.size(1));
-  const auto scale = grad.to(at::kDouble) / (static_cast<double>(fs.size(0)) * n * n);
+  const auto scale = (grad.to(at::kDouble) / (static_cast<double>(fs.size(0)) * n * n)).to(sd.gram_dtype);
   const auto g1t = r.g1.transpose(1, 2);
   auto g_b = (at::bmm(r.p, r.g1 + r.gdd) + at::bmm(r.d, r.gpp + g1t)) * scale;
-  auto g_a = at::bmm(at::bmm(r.p, r.g1 - r.gdd) + at::bmm(r.d, r.gpp - g1t), r.q.transpose(1, 2)) * (-scale);
+  auto g_a = at::bmm(at::bmm(r.p, r.g1 - r.gdd) + at::bmm(r.d, r.gpp - g1t), r.q.transpose(1, 2).to(sd.gram_dtype)) * (-scale);
   auto g_s_hat = sd.student_is_b ? g_b : g_a;
   auto g_t_hat = sd.student_is_b ? g_a : g_b;
-  auto g_s = unpool_nodes(normalize_backward(g_s_hat, sd.s_hat, sd.s_inv), fs, patch);
-  auto g_t = unpool_nodes(normalize_backward(g_t_hat, sd.t_hat, sd.t_inv), ft, patch);
+  auto g_s = normalized_nodes_backward(g_s_hat, sd.s_hat, sd.s_inv, fs, patch);
+  auto g_t = normalized_nodes_backward(g_t_hat, sd.t_hat, sd.t_inv, ft, patch);
   return {g_s, g_t};
 }
 
