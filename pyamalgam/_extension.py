@@ -28,9 +28,16 @@ def _recorded_build() -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise ImportError(
-            f"pyamalgam's compiled operators are not built ({path} is missing).\n" + REBUILD_HINT
-        ) from None
+        hint = REBUILD_HINT
+        if (_HERE.parent / "pyproject.toml").exists():
+            # The usual cause: `python` started inside a checkout imports the source tree, which
+            # shadows the installed (built) package.
+            hint = (
+                f"This pyamalgam is a source checkout ({_HERE}); if you installed pyamalgam, run "
+                "from another directory (or `python -P`) so that the installed package is "
+                "imported. Otherwise install it:\n" + REBUILD_HINT
+            )
+        raise ImportError(f"pyamalgam's compiled operators are not built ({path} is missing).\n" + hint) from None
 
 
 def check_torch_matches(built: dict, running: str = torch.__version__) -> None:
