@@ -3,9 +3,11 @@
 # On some machines `nvcc` on PATH is a wrapper script (`exec /usr/local/cuda-X/bin/nvcc "$@"`), so
 # CMake cannot derive the toolkit root from its location and torch's config then fails with
 # "Could NOT find CUDA ... CUDA_INCLUDE_DIRS". We ask nvcc itself where it lives (`nvcc --dryrun` prints
-# `#$ TOP=<root>/bin/..`) and hand that root to CMake.
+# `#$ TOP=<root>`, e.g. `/usr/local/cuda-13.0/bin/..`) and hand that root to CMake.
 #
-# Sets PYAMALGAM_NVCC (the real compiler) and CUDAToolkit_ROOT, or leaves PYAMALGAM_NVCC empty.
+# Sets PYAMALGAM_NVCC (the real compiler), CUDAToolkit_ROOT (FindCUDAToolkit) and
+# CUDA_TOOLKIT_ROOT_DIR (the legacy FindCUDA that torch's config still calls, which would otherwise
+# derive the root from the wrapper's location too), or leaves PYAMALGAM_NVCC empty.
 function(pyamalgam_find_cuda_toolkit)
   set(PYAMALGAM_NVCC "" PARENT_SCOPE)
   if(DEFINED ENV{CUDAToolkit_ROOT} AND EXISTS "$ENV{CUDAToolkit_ROOT}/bin/nvcc")
@@ -23,7 +25,7 @@ function(pyamalgam_find_cuda_toolkit)
       return()
     endif()
     if("${out}${err}" MATCHES "#\\$ TOP=([^\r\n]+)")
-      get_filename_component(root "${CMAKE_MATCH_1}/.." ABSOLUTE)
+      get_filename_component(root "${CMAKE_MATCH_1}" ABSOLUTE)
     else()
       get_filename_component(root "${_nvcc}" DIRECTORY)
       get_filename_component(root "${root}/.." ABSOLUTE)
@@ -35,4 +37,5 @@ function(pyamalgam_find_cuda_toolkit)
   endif()
   set(PYAMALGAM_NVCC "${root}/bin/nvcc" PARENT_SCOPE)
   set(CUDAToolkit_ROOT "${root}" PARENT_SCOPE)
+  set(CUDA_TOOLKIT_ROOT_DIR "${root}" CACHE PATH "CUDA toolkit root (found by asking nvcc)")
 endfunction()

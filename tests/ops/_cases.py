@@ -1,4 +1,4 @@
-"""Input makers shared by the op tests (CPU here, CUDA in test_ops_cuda.py)."""
+"""Input makers and the reference comparison shared by the op tests (CPU and CUDA)."""
 import torch
 
 # (B, C, H, W): awkward on purpose: B=1, C=1, odd sizes, sizes no patch divides.
@@ -31,4 +31,30 @@ def as_layout(t, layout):
     wide[..., ::2] = t
     out = wide[..., ::2]
     assert not out.is_contiguous()
+    return out
+
+
+def _is_float(a):
+    return isinstance(a, torch.Tensor) and a.is_floating_point()
+
+
+def _grads(fn, args, grad_out):
+    args = [a.detach().clone().requires_grad_() if _is_float(a) else a for a in args]
+    out = fn(*args)
+    out.backward(grad_out)
+    return out.detach(), [a.grad for a in args if _is_float(a)]
+
+
+def assert_matches_reference(fused, reference, args, rtol=1e-10, atol=1e-12):
+    """Values and gradients of every floating input agree; the reference runs in float64 on the
+    same device, and the fused op's output stays on the inputs' device."""
+    out = fused(*args)
+    assert out.device == next(a for a in args if isinstance(a, torch.Tensor)).device
+    grad_out = torch.randn(out.shape, dtype=torch.float64, device=out.device)
+    o1, g1 = _grads(fused, args, grad_out.to(out.dtype))
+    o2, g2 = _grads(reference, [a.double() if _is_float(a) else a for a in args], grad_out)
+    torch.testing.assert_close(o1.double(), o2, rtol=rtol, atol=atol)
+    assert len(g1) == len(g2)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol)
     return out

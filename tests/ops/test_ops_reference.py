@@ -1,30 +1,10 @@
 """Each fused op against its float64 reference: values, gradients, layouts and dtypes (CPU)."""
 import pytest
 import torch
-from _cases import SHAPES, as_layout, channel_coding_args, depth_args
+from _cases import SHAPES, as_layout, assert_matches_reference, channel_coding_args, depth_args
 
 from pyamalgam import ops
 from pyamalgam.ops import reference as ref
-
-
-def _grads(fn, args, grad_out):
-    args = [a.detach().clone().requires_grad_(a.is_floating_point()) for a in args]
-    out = fn(*args)
-    out.backward(grad_out)
-    return out.detach(), [a.grad for a in args if a.requires_grad]
-
-
-def assert_matches_reference(fused, reference, args, rtol=1e-10, atol=1e-12):
-    """Values and gradients of every floating input agree; the reference runs in float64."""
-    out = fused(*args)
-    grad_out = torch.randn_like(out, dtype=torch.float64)
-    o1, g1 = _grads(fused, args, grad_out.to(out.dtype))
-    o2, g2 = _grads(reference, [a.double() if a.is_floating_point() else a for a in args], grad_out)
-    torch.testing.assert_close(o1.double(), o2, rtol=rtol, atol=atol)
-    assert len(g1) == len(g2)
-    for a, b in zip(g1, g2):
-        torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol)
-    return out
 
 
 @pytest.mark.parametrize("shape", SHAPES)

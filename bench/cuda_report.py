@@ -1,0 +1,127 @@
+"""Turn a pytest-benchmark JSON of bench/test_ops_cuda_bench.py into a results file and a table.
+
+    python bench/cuda_report.py RAW.json [--out-dir bench/results]
+
+Writes ``<out-dir>/<device>-<date>.json`` (one record per op/shape/dtype/mode/layout with the
+fused, eager and compiled medians, their ratios and the fused kernels' bandwidth) and the same
+as a markdown table in ``<device>-<date>.md``, which is also printed.
+
+Ratios are speed-ups of the fused op: ``eager / fused`` and ``compile / fused`` (> 1: fused is
+faster). GB/s and "% of copy" use the bytes the fused algorithm must move (see _bytes in the
+benchmark) over the fused op's median device time, against the copy bandwidth measured in the
+same run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import re
+import sys
+from pathlib import Path
+
+IMPLS = ("fused", "eager", "compile")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "unknown-device"
+
+
+def collect(raw: dict) -> tuple[list[dict], dict]:
+    """Rows keyed by (op, mode, layout, shape, dtype) with one median per implementation."""
+    rows: dict[tuple, dict] = {}
+    meta = {"copy_gbps": None, "device": None, "torch": None}
+    for bench in raw.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        if "op" not in info:
+            continue
+        meta["copy_gbps"] = meta["copy_gbps"] or info.get("copy_gbps")
+        meta["device"] = meta["device"] or info.get("device")
+        meta["torch"] = meta["torch"] or info.get("torch")
+        if info["op"] == "copy":
+            continue
+        key = (info["op"], info["mode"], info.get("layout", "contiguous"), tuple(info["shape"]), info["dtype"])
+        row = rows.setdefault(
+            key,
+            {"op": key[0], "mode": key[1], "layout": key[2], "shape": list(key[3]), "dtype": key[4],
+             "bytes": info.get("bytes")},
+        )
+        ms = info.get("median_ms")
+        if ms is None:  # fall back on pytest-benchmark's wall-clock median of the loop
+            ms = bench["stats"]["median"] * 1e3 / max(1, info.get("inner", 1))
+        row[f"{info['impl']}_ms"] = ms
+    out = []
+    for row in rows.values():
+        fused = row.get("fused_ms")
+        for impl in ("eager", "compile"):
+            other = row.get(f"{impl}_ms")
+            row[f"{impl}_over_fused"] = other / fused if fused and other else None
+        if fused and row.get("bytes"):
+            row["fused_gbps"] = row["bytes"] / (fused * 1e-3) / 1e9
+            row["pct_of_copy"] = 100.0 * row["fused_gbps"] / meta["copy_gbps"] if meta["copy_gbps"] else None
+        else:
+            row["fused_gbps"] = row["pct_of_copy"] = None
+        out.append(row)
+    out.sort(key=lambda r: (r["op"], r["mode"], r["layout"], r["dtype"], r["shape"]))
+    return out, meta
+
+
+def _fmt(value, spec):
+    return "–" if value is None else format(value, spec)
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        f"Device: {meta['device']}, torch {meta['torch']}, copy bandwidth "
+        f"{_fmt(meta['copy_gbps'], '.0f')} GB/s (read + write).",
+        "",
+        "| op | mode | layout | shape | dtype | fused ms | eager ms | compile ms | eager/fused | "
+        "compile/fused | GB/s | % of copy |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            "| {op} | {mode} | {layout} | {shape} | {dtype} | {f} | {e} | {c} | {ef} | {cf} | {gb} | {pc} |".format(
+                op=r["op"], mode=r["mode"], layout=r["layout"], shape="×".join(map(str, r["shape"])),
+                dtype=r["dtype"], f=_fmt(r.get("fused_ms"), ".4f"), e=_fmt(r.get("eager_ms"), ".4f"),
+                c=_fmt(r.get("compile_ms"), ".4f"), ef=_fmt(r["eager_over_fused"], ".2f"),
+                cf=_fmt(r["compile_over_fused"], ".2f"), gb=_fmt(r["fused_gbps"], ".0f"),
+                pc=_fmt(r["pct_of_copy"], ".0f"),
+            )
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("raw", type=Path, help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+    raw = json.loads(args.raw.read_text())
+    rows, meta = collect(raw)
+    if not rows:
+        print(f"{args.raw}: no pyamalgam CUDA benchmark records", file=sys.stderr)
+        return 1
+    when = raw.get("datetime") or _dt.datetime.now(_dt.timezone.utc).isoformat()
+    date = when[:10]
+    stem = f"{_slug(meta['device'] or 'unknown')}-{date}"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    result = {
+        "device": meta["device"],
+        "date": date,
+        "torch": meta["torch"],
+        "copy_gbps": meta["copy_gbps"],
+        "machine_info": raw.get("machine_info"),
+        "commit_info": raw.get("commit_info"),
+        "rows": rows,
+    }
+    (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    table = markdown(rows, meta)
+    (args.out_dir / f"{stem}.md").write_text(table)
+    print(table)
+    print(f"wrote {args.out_dir / (stem + '.json')} and {args.out_dir / (stem + '.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
