@@ -1,8 +1,12 @@
 """Helpers for pyamalgam's own tests and benchmarks."""
 from __future__ import annotations
 
+import hashlib
 import os
+import time
 from pathlib import Path
+
+import torch
 
 
 def subprocess_env() -> dict:
@@ -10,3 +14,76 @@ def subprocess_env() -> dict:
     (the source tree in a dev build, site-packages after ``pip install .``)."""
     root = str(Path(__file__).resolve().parents[1])
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+
+
+def tiny_teachers(*tasks: str, seed: int = 1, factory: str = "segnet_vgg") -> dict:
+    """Random VGG teachers with a few channels (32x40 inputs work), one per task, task -> net.
+
+    Teacher i is seeded with ``seed + i``, so a fresh call rebuilds identical teachers (what a
+    resumed process needs).
+    """
+    from pyamalgam import models  # needs the extension: imported only when used
+
+    out = {}
+    for i, task in enumerate(tasks or ("segmentation", "depth")):
+        torch.manual_seed(seed + i)
+        net = getattr(models, factory)(task, width=1 / 16, depth=3, num_classes=5, num_bins=8).eval()
+        out[net.task.name] = net
+    return out
+
+
+class _Images:
+    """Random images as dict batches; ``delay`` seconds per item slow a run down to be killed."""
+
+    def __init__(self, n: int, seed: int, delay: float):
+        self.images = torch.rand(n, 3, 32, 40, generator=torch.Generator().manual_seed(seed))
+        self.delay = delay
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        if self.delay:
+            time.sleep(self.delay)
+        return {"image": self.images[i]}
+
+
+def tiny_loader(n: int = 12, batch: int = 4, *, shuffle: bool = True, seed: int = 4, delay: float = 0.0,
+                distributed: bool = False):
+    """A DataLoader of ``n`` random 32x40 images (a DistributedSampler when ``distributed``)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    data = _Images(n, seed, delay)
+    if distributed:
+        return DataLoader(data, batch_size=batch, sampler=DistributedSampler(data, shuffle=shuffle, seed=seed))
+    return DataLoader(data, batch_size=batch, shuffle=shuffle)
+
+
+def tiny_run(checkpoint_dir=None, *, loader=None, resume=True, seed: int = 0, **kwargs):
+    """Steps 2-4 on two tiny teachers, resuming from ``checkpoint_dir`` when it holds a checkpoint.
+
+    The same call in a fresh process after an interruption ends with the same weights as an
+    uninterrupted run. Returns the Amalgamator; ``kwargs`` go to it.
+    """
+    from pyamalgam import Amalgamator
+
+    torch.set_num_threads(1)  # same arithmetic in every process (and no oversubscription)
+    kwargs.setdefault("progress", False)
+    am = Amalgamator(tiny_teachers(), checkpoint_dir=checkpoint_dir, **kwargs)
+    loader = loader if loader is not None else tiny_loader()
+    torch.manual_seed(seed)
+    resume = resume and checkpoint_dir is not None
+    am.fit(loader, 1, resume=resume)
+    am.branch_out()
+    am.finetune(loader, 1, resume=resume)
+    return am
+
+
+def state_digest(module) -> str:
+    """SHA-256 of a module's state dict (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,115 @@
+"""One block's objective (paper 001, §5.1.2 and §5.2): Eq. 5, 6, 8 and 9.
+
+For block n the student's amalgamated features F_u^n are projected into every teacher's
+domain by that teacher's channel coding. Eq. 6 lets the projection *replace* the teacher's
+block-n features, runs the rest of the teacher and scores its prediction against the teacher's
+original one; Eq. 5 scores the projection against the teacher's block-n features directly.
+Eq. 8 is Eq. 6 with K teachers, and Eq. 9 is Eq. 6 with a TargetNet among the teachers (its
+coding is the U-channel coding): one code path serves all three.
+
+Compute is split by what learns. The frozen part of a step (the teachers' own predictions and
+the student's blocks 1..n-1) runs once per batch under ``no_grad``; only block n and its codings
+build a graph, and the teacher suffixes, whose parameters have ``requires_grad=False``, pass
+gradients through to the projected features without computing any weight gradient.
+
+Side information: the teacher suffix runs on the *student's* side information for blocks 1..n
+(its pooling indices, its skips). After branch-out a teacher's copied blocks run inside the
+TargetNet, where only the TargetNet's own side information exists; training block n under the
+same condition makes L_t^n the loss a TargetNet branched at n starts from, which is what Eq. 7
+compares.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+from torch import nn
+
+from ..losses import feature_loss
+from .branch import as_outputs, code
+
+__all__ = ["BlockStep", "FrozenPass", "frozen_pass", "prediction_losses", "feature_losses", "weighted_sum"]
+
+
+class BlockStep(nn.Module):
+    """What learns at block n: the student's block n and its codings, one per teacher.
+
+    ``forward(prev, side)`` returns (teacher key -> projected features F_u^n coded for that
+    teacher, side information including block n's). A module of its own so that
+    DistributedDataParallel synchronises exactly these parameters.
+    """
+
+    def __init__(self, block: nn.Module, codings: nn.ModuleDict):
+        super().__init__()
+        self.block = block
+        self.codings = codings
+
+    def forward(self, prev: torch.Tensor, side: dict):
+        side = dict(side)
+        amalgamated = self.block(prev, side)
+        return {key: code(coding, amalgamated) for key, coding in self.codings.items()}, side
+
+
+@dataclass
+class FrozenPass:
+    """The no-grad part of a block-n step for one batch.
+
+    prev: student features at block n-1 (the image for n = 1); side: the student's side
+    information of blocks 1..n-1; targets: output name -> supervision from the teachers' own
+    predictions; features: teacher key -> teacher block-n features (Eq. 5 only).
+    """
+
+    prev: torch.Tensor
+    side: dict
+    targets: dict
+    features: Optional[dict] = None
+
+
+@torch.no_grad()
+def frozen_pass(student, teachers: Mapping, outputs: Mapping, x: torch.Tensor, n: int, *,
+                targets: bool = True, features: bool = False) -> FrozenPass:
+    """Run everything that does not learn at block n, once per batch.
+
+    With ``features`` (Eq. 5) each teacher runs to block n, and when ``targets`` is also asked
+    its prediction continues from those features: each teacher still runs once.
+    """
+    prev, side = student.forward_until(x, n - 1)
+    out_targets, out_features = {}, ({} if features else None)
+    for key, teacher in teachers.items():
+        if features:
+            feat, teacher_side = teacher.forward_until(x, n)
+            out_features[key] = feat
+            prediction = teacher.forward_from(feat, n, teacher_side) if targets else None
+        else:
+            prediction = teacher(x) if targets else None
+        if prediction is not None:
+            for name, p in as_outputs(key, prediction).items():
+                out_targets[name] = outputs[key][name].target(p)
+    return FrozenPass(prev, side, out_targets, out_features)
+
+
+def prediction_losses(teachers: Mapping, outputs: Mapping, projected: Mapping, n: int, side: dict,
+                      targets: Mapping) -> dict:
+    """The task terms of Eq. 6 / 8 / 9, output name -> loss.
+
+    Each teacher continues from block n with ``projected[key]`` in place of its own block-n
+    features (and the given side information); its prediction is scored by its task's loss
+    (Eq. 1, 3, 4, or the user's) against the teacher's original prediction ``targets``.
+    """
+    losses = {}
+    for key, teacher in teachers.items():
+        prediction = teacher.forward_from(projected[key], n, side)
+        for name, p in as_outputs(key, prediction).items():
+            losses[name] = outputs[key][name].loss(p, targets[name])
+    return losses
+
+
+def feature_losses(projected: Mapping, features: Mapping) -> dict:
+    """The terms of Eq. 5, teacher key -> ``||F_u^n coded - F_teacher^n||^2`` (element mean)."""
+    return {key: feature_loss(projected[key], features[key]) for key in projected}
+
+
+def weighted_sum(losses: Mapping, weights: Mapping) -> torch.Tensor:
+    """``sum_t lambda_t L_t`` (Eq. 5, 6, 8, 9), lambda defaulting to 1."""
+    return torch.stack([weights.get(name, 1.0) * loss.float() for name, loss in losses.items()]).sum()
