@@ -16,20 +16,28 @@ def subprocess_env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
 
 
-def tiny_teachers(*tasks: str, seed: int = 1, factory: str = "segnet_vgg") -> dict:
-    """Random VGG teachers with a few channels (32x40 inputs work), one per task, task -> net.
+def tiny_net(task: str, seed: int = 0, factory="segnet_vgg", **overrides):
+    """A random VGG teacher with a few channels (32x40 inputs work), in eval mode.
+
+    ``factory``: a name in :mod:`pyamalgam.models` or the factory itself; ``overrides`` replace
+    the tiny defaults (width 1/16, depth 3, 5 classes, 8 depth bins).
+    """
+    from pyamalgam import models  # needs the extension: imported only when used
+
+    make = getattr(models, factory) if isinstance(factory, str) else factory
+    torch.manual_seed(seed)
+    kwargs = {"width": 1 / 16, "depth": 3, "num_classes": 5, "num_bins": 8, **overrides}
+    return make(task, **kwargs).eval()
+
+
+def tiny_teachers(*tasks: str, seed: int = 1, factory="segnet_vgg") -> dict:
+    """One :func:`tiny_net` per task (default: segmentation and depth), output name -> net.
 
     Teacher i is seeded with ``seed + i``, so a fresh call rebuilds identical teachers (what a
     resumed process needs).
     """
-    from pyamalgam import models  # needs the extension: imported only when used
-
-    out = {}
-    for i, task in enumerate(tasks or ("segmentation", "depth")):
-        torch.manual_seed(seed + i)
-        net = getattr(models, factory)(task, width=1 / 16, depth=3, num_classes=5, num_bins=8).eval()
-        out[net.task.name] = net
-    return out
+    nets = [tiny_net(task, seed + i, factory) for i, task in enumerate(tasks or ("segmentation", "depth"))]
+    return {net.task.name: net for net in nets}
 
 
 class _Images:

@@ -6,22 +6,8 @@ import torch
 
 from pyamalgam import Amalgamator, TargetNet
 from pyamalgam.amalgamation import decoder_candidates, select_branch_points
-from pyamalgam.models import count_parameters, segnet_vgg
-
-
-def tiny(task, seed):
-    torch.manual_seed(seed)
-    return segnet_vgg(task, width=1 / 16, depth=3, num_classes=5, num_bins=8).eval()
-
-
-@pytest.fixture(scope="module")
-def teachers():
-    return {"seg": tiny("segmentation", 1), "depth": tiny("depth", 2)}
-
-
-@pytest.fixture(scope="module")
-def images():
-    return torch.rand(2, 3, 32, 40, generator=torch.Generator().manual_seed(3))
+from pyamalgam._testing import tiny_net as tiny
+from pyamalgam.models import count_parameters
 
 
 def test_decoder_candidates():

@@ -4,25 +4,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from pyamalgam import Amalgamator
-from pyamalgam.models import segnet_vgg, unet_vgg
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny(task, depth=3, width=1 / 16, factory=segnet_vgg):
-    torch.manual_seed(0)
-    return factory(task, width=width, depth=depth, num_classes=5, num_bins=8)
-
-
-@pytest.fixture
-def teachers():
-    return {"seg": tiny("segmentation"), "depth": tiny("depth")}
+from pyamalgam._testing import tiny_net as tiny
+from pyamalgam.models import unet_vgg
 
 
 def test_teachers_must_be_a_mapping_of_block_networks():

@@ -6,22 +6,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pyamalgam import Amalgamator
 from pyamalgam.amalgamation import feature_losses, frozen_pass, prediction_losses, weighted_sum
-from pyamalgam.models import segnet_vgg
-
-
-def tiny(task, seed):
-    torch.manual_seed(seed)
-    return segnet_vgg(task, width=1 / 16, depth=3, num_classes=5, num_bins=8).eval()
-
-
-@pytest.fixture(scope="module")
-def teachers():
-    return {"seg": tiny("segmentation", 1), "depth": tiny("depth", 2)}
-
-
-@pytest.fixture(scope="module")
-def images():
-    return torch.rand(2, 3, 32, 40, generator=torch.Generator().manual_seed(3))
+from pyamalgam._testing import tiny_net as tiny
 
 
 def loader(n=8, batch=4):

@@ -7,21 +7,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from pyamalgam import Amalgamator, TargetNet
-from pyamalgam.models import count_parameters, segnet_vgg, unet_vgg
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny convolutions: thread hand-off costs more than it saves on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny(task, seed, factory=segnet_vgg):
-    torch.manual_seed(seed)
-    return factory(task, width=1 / 16, depth=3, num_classes=5, num_bins=8).eval()
+from pyamalgam._testing import tiny_net as tiny
+from pyamalgam.models import count_parameters, unet_vgg
 
 
 def loader(n=8, batch=4, shuffle=False):
