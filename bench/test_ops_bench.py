@@ -1,12 +1,15 @@
 """Fused operators vs their eager reference vs torch.compile(reference), in one run (CPU).
 
-    pytest bench/test_ops_bench.py --benchmark-group-by=group --benchmark-columns=median,iqr,rounds
+    pytest bench/test_ops_bench.py --benchmark-group-by=group --benchmark-columns=median,iqr,rounds \
+        --benchmark-json=bench/results/raw-cpu.json
+    python bench/report.py bench/results/raw-cpu.json     # tables into bench/results/
 
 Each group holds the three implementations of one op, shape and mode (fwd or fwd+bwd), so the
 ratios come from the same run on the same machine. ``test_pairwise_scaling`` records how the fused
 pair-wise op grows from N = 1k to 64k nodes; ``test_pairwise_peak_memory`` its peak memory.
 """
 import json
+import platform
 import subprocess
 import sys
 
@@ -17,6 +20,7 @@ from pyamalgam import ops
 from pyamalgam.ops import reference as ref
 
 torch.manual_seed(0)
+DEVICE = f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def _channel_coding(b=8, c=64, h=60, w=80):
@@ -74,7 +78,8 @@ def test_op(benchmark, name, impl, mode):
 
     step()  # warm-up (and compilation)
     benchmark.group = f"{name} {mode}"
-    benchmark.extra_info.update(op=name, impl=impl, mode=mode)
+    benchmark.extra_info.update(op=name.split()[0], impl=impl, mode=mode, shape=list(args[0].shape),
+                                dtype=str(args[0].dtype).removeprefix("torch."), device=DEVICE, torch=torch.__version__)
     benchmark.pedantic(step, rounds=5, warmup_rounds=1)
 
 
@@ -88,7 +93,7 @@ def test_pairwise_scaling(benchmark, hw):
 
     step()
     benchmark.group = "pairwise scaling (fused, fwd+bwd, B1 C64)"
-    benchmark.extra_info.update(nodes=hw[0] * hw[1])
+    benchmark.extra_info.update(op="pairwise scaling", nodes=hw[0] * hw[1])
     benchmark.pedantic(step, rounds=3, warmup_rounds=0)
 
 
@@ -114,4 +119,4 @@ def test_pairwise_peak_memory(benchmark, impl, tmp_path, pyamalgam_env):
 
     peak = benchmark.pedantic(run, rounds=1, iterations=1)
     benchmark.group = "pairwise peak memory (B4 C64 64x64, fwd+bwd)"
-    benchmark.extra_info.update(impl=impl, peak_extra_bytes=peak)
+    benchmark.extra_info.update(op="pairwise peak memory", impl=impl, peak_extra_bytes=peak)

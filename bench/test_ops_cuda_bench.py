@@ -3,13 +3,13 @@
 Run on a machine with a GPU and a CUDA build of pyamalgam:
 
     python -m pytest bench/test_ops_cuda_bench.py --benchmark-json bench/results/raw.json
-    python bench/cuda_report.py bench/results/raw.json
+    python bench/report.py bench/results/raw.json
 
 Every benchmark times `inner` back-to-back calls between two CUDA events (device time, no host
 synchronisation inside the loop) and stores the per-call median in ``extra_info["median_ms"]``;
 pytest-benchmark's own wall-clock statistics cover the same loop plus one synchronisation.
 The device's copy bandwidth (a large ``dst.copy_(src)``) is measured in the same session and
-stored in every record, so cuda_report.py can express each op's bandwidth as a share of it.
+stored in every record, so bench/report.py can express each op's bandwidth as a share of it.
 
 ``extra_info["bytes"]`` is the DRAM traffic the fused algorithm needs (see ``_bytes``); GB/s and
 "% of copy" are computed from it for every implementation, so they compare like with like.

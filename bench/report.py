@@ -1,10 +1,14 @@
-"""Turn a pytest-benchmark JSON of bench/test_ops_cuda_bench.py into a results file and a table.
+"""Turn a pytest-benchmark JSON of the op benchmarks into a results file and a table.
 
-    python bench/cuda_report.py RAW.json [--out-dir bench/results]
+    python bench/report.py RAW.json [--out-dir bench/results]
+
+RAW.json comes from bench/test_ops_bench.py (CPU) or bench/test_ops_cuda_bench.py (CUDA), run
+with ``--benchmark-json``.
 
 Writes ``<out-dir>/<device>-<date>.json`` (one record per op/shape/dtype/mode/layout with the
 fused, eager and compiled medians, their ratios and the fused kernels' bandwidth) and the same
-as a markdown table in ``<device>-<date>.md``, which is also printed.
+as a markdown table in ``<device>-<date>.md``, which is also printed; the CPU run's pair-wise
+scaling and peak-memory records get tables of their own.
 
 Ratios are speed-ups of the fused op: ``eager / fused`` and ``compile / fused`` (> 1: fused is
 faster). GB/s and "% of copy" use the bytes the fused algorithm must move (see _bytes in the
@@ -38,7 +42,7 @@ def collect(raw: dict) -> tuple[list[dict], dict]:
         meta["copy_gbps"] = meta["copy_gbps"] or info.get("copy_gbps")
         meta["device"] = meta["device"] or info.get("device")
         meta["torch"] = meta["torch"] or info.get("torch")
-        if info["op"] == "copy":
+        if info["op"] in ("copy", "pairwise scaling", "pairwise peak memory"):
             continue
         key = (info["op"], info["mode"], info.get("layout", "contiguous"), tuple(info["shape"]), info["dtype"])
         row = rows.setdefault(
@@ -92,6 +96,29 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pairwise_tables(raw: dict) -> str:
+    """The pair-wise op's time against the number of nodes, and its peak memory (CPU run)."""
+    scaling, peaks = [], []
+    for bench in raw.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        if info.get("op") == "pairwise scaling":
+            scaling.append((info["nodes"], bench["stats"]["median"] * 1e3))
+        elif info.get("op") == "pairwise peak memory":
+            peaks.append((info["impl"], info["peak_extra_bytes"]))
+    lines = []
+    if scaling:
+        scaling.sort()
+        n0, t0 = scaling[0]
+        lines += ["", "Pair-wise loss, fused, forward+backward, B=1, C=64: time against the number of nodes N.",
+                  "", "| N | ms | ms per 1k nodes | time / time at N0 | N / N0 |", "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {n} | {t:.1f} | {1e3 * t / n:.2f} | {t / t0:.1f} | {n / n0:.0f} |" for n, t in scaling]
+    if peaks:
+        lines += ["", "Pair-wise loss, B=4, C=64, 64x64, forward+backward: peak resident memory added (fresh process).",
+                  "", "| impl | peak MiB |", "|---|---:|"]
+        lines += [f"| {impl} | {b / 2**20:.0f} |" for impl, b in sorted(peaks)]
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("raw", type=Path, help="pytest-benchmark JSON (--benchmark-json)")
@@ -100,7 +127,7 @@ def main(argv=None) -> int:
     raw = json.loads(args.raw.read_text())
     rows, meta = collect(raw)
     if not rows:
-        print(f"{args.raw}: no pyamalgam CUDA benchmark records", file=sys.stderr)
+        print(f"{args.raw}: no pyamalgam op benchmark records", file=sys.stderr)
         return 1
     when = raw.get("datetime") or _dt.datetime.now(_dt.timezone.utc).isoformat()
     date = when[:10]
@@ -116,7 +143,7 @@ def main(argv=None) -> int:
         "rows": rows,
     }
     (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    table = markdown(rows, meta)
+    table = markdown(rows, meta) + pairwise_tables(raw)
     (args.out_dir / f"{stem}.md").write_text(table)
     print(table)
     print(f"wrote {args.out_dir / (stem + '.json')} and {args.out_dir / (stem + '.md')}")
