@@ -12,6 +12,7 @@
 #include <algorithm>
 
 #include "common.h"
+#include "cpu/vec.h"
 
 namespace pyamalgam {
 namespace {
@@ -26,15 +27,13 @@ void plane_sums(const scalar_t* x, const scalar_t* grad, const PlaneIndex& ix, i
     at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bc = begin; bc < end; ++bc) {
         const scalar_t* xp = x + bc * P;
-        const scalar_t* gp = grad ? grad + bc * P : nullptr;
-        double sx = 0, sgx = 0;
-        for (int64_t p = 0; p < P; ++p) {
-          const double v = static_cast<double>(xp[p]);
-          sx += v;
-          if (gp) sgx += static_cast<double>(gp[p]) * v;
+        if (grad) {
+          const scalar_t* gp = grad + bc * P;
+          sum_x[bc] = cpu::lane_sum(P, [&](int64_t p) { return static_cast<double>(xp[p]); });
+          sum_gx[bc] = cpu::lane_sum(P, [&](int64_t p) { return static_cast<double>(gp[p]) * static_cast<double>(xp[p]); });
+        } else {
+          sum_x[bc] = cpu::lane_sum(P, [&](int64_t p) { return static_cast<double>(xp[p]); });
         }
-        sum_x[bc] = sx;
-        if (grad) sum_gx[bc] = sgx;
       }
     });
     return;

@@ -8,7 +8,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
+
+#include "cpu/vec.h"
 
 namespace pyamalgam {
 namespace {
@@ -18,7 +21,28 @@ struct Moments {
   Moments operator+(const Moments& o) const { return {n + o.n, s1 + o.s1, s2 + o.s2}; }
 };
 
-// Moments of each image; pred/target/mask are (B, P) contiguous, mask may be undefined.
+// Moments of pixels [begin, end) of one image, in cpu::kLanes independent accumulators so that
+// the loop vectorises. A masked-out pixel is removed by a select, never a multiply, so a NaN
+// there cannot reach the sums.
+template <bool MASKED, typename scalar_t>
+Moments chunk_moments(const scalar_t* pred, const scalar_t* target, const bool* mask, int64_t begin, int64_t end) {
+  double n[cpu::kLanes] = {}, s1[cpu::kLanes] = {}, s2[cpu::kLanes] = {};
+  auto add = [&](int j, int64_t p) {
+    const bool valid = !MASKED || mask[p];
+    const double d = valid ? static_cast<double>(target[p]) - static_cast<double>(pred[p]) : 0.0;
+    n[j] += valid ? 1.0 : 0.0;
+    s1[j] += d;
+    s2[j] += d * d;
+  };
+  int64_t p = begin;
+  for (; p + cpu::kLanes <= end; p += cpu::kLanes) {
+    for (int j = 0; j < cpu::kLanes; ++j) add(j, p + j);
+  }
+  for (int j = 0; p < end; ++p, ++j) add(j, p);
+  return {cpu::lane_total(n), cpu::lane_total(s1), cpu::lane_total(s2)};
+}
+
+// Moments of each image; pred/target/mask are (B, P) contiguous, mask may be null.
 template <typename scalar_t>
 std::vector<Moments> image_moments(const scalar_t* pred, const scalar_t* target, const bool* mask, int64_t B,
                                    int64_t P) {
@@ -28,14 +52,8 @@ std::vector<Moments> image_moments(const scalar_t* pred, const scalar_t* target,
     out[b] = at::parallel_reduce(
         0, P, 4096, Moments{},
         [&](int64_t begin, int64_t end, Moments acc) {
-          for (int64_t p = begin; p < end; ++p) {
-            if (mask && !mask[off + p]) continue;
-            const double d = static_cast<double>(target[off + p]) - static_cast<double>(pred[off + p]);
-            acc.n += 1;
-            acc.s1 += d;
-            acc.s2 += d * d;
-          }
-          return acc;
+          return acc + (mask ? chunk_moments<true>(pred + off, target + off, mask + off, begin, end)
+                             : chunk_moments<false>(pred + off, target + off, mask, begin, end));
         },
         [](const Moments& a, const Moments& b) { return a + b; });
   }
@@ -86,16 +104,28 @@ std::tuple<at::Tensor, at::Tensor> si_depth_loss_backward_cpu(const at::Tensor& 
     for (const auto& m : mom) images += m.n > 0;
     scalar_t* gp = grad_pred.data_ptr<scalar_t>();
     scalar_t* gt = grad_target.data_ptr<scalar_t>();
+    // dL/dd = A d + C on valid pixels of image b: A = 2 g / (N M), C = -g S1 / (N^2 M).
+    std::vector<double> A(B), Cb(B);
+    std::vector<char> any_valid(B);
+    for (int64_t b = 0; b < B; ++b) {
+      const auto& m = mom[b];
+      any_valid[b] = m.n > 0;
+      A[b] = m.n > 0 ? 2 * g / (m.n * images) : 0.0;
+      Cb[b] = m.n > 0 ? -g * m.s1 / (m.n * m.n * images) : 0.0;
+    }
     at::parallel_for(0, B * P, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const Moments& m = mom[i / P];
-        double v = 0;
-        if (m.n > 0 && (!mp || mp[i])) {
+      // Walk [begin, end) image by image so the inner loop has no division and vectorises.
+      for (int64_t i = begin; i < end;) {
+        const int64_t b = i / P, stop = std::min(end, (b + 1) * P);
+        const double a = A[b], c = Cb[b];
+        const bool any = any_valid[b];
+        for (; i < stop; ++i) {
+          const bool valid = any && (!mp || mp[i]);
           const double d = static_cast<double>(tp[i]) - static_cast<double>(pp[i]);
-          v = g * (2 * d / m.n - m.s1 / (m.n * m.n)) / images;
+          const double v = valid ? a * d + c : 0.0;
+          gp[i] = static_cast<scalar_t>(-v);
+          gt[i] = static_cast<scalar_t>(v);
         }
-        gp[i] = static_cast<scalar_t>(-v);
-        gt[i] = static_cast<scalar_t>(v);
       }
     });
   });

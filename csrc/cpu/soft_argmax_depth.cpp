@@ -10,18 +10,28 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "common.h"
+#include "cpu/vec.h"
 
 namespace pyamalgam {
 namespace {
 
 constexpr int64_t kChunk = 64;
 
+// Calls f(stride between neighbouring pixels): a compile-time 1 for NCHW, so that the loops over
+// pixels are contiguous and vectorise, ix.sp (= K) for channels_last.
+template <typename F>
+void with_pixel_stride(const PlaneIndex& ix, const F& f) {
+  if (ix.sp == 1) return f(std::integral_constant<int64_t, 1>{});
+  f(ix.sp);
+}
+
 // For pixels [p0, p0 + n) of image b: m = max_k r_k, s = sum_k e^{r_k - m}, w = sum_k k e^{r_k - m}.
-template <typename scalar_t, typename acc_t>
-void softmax_moments(const scalar_t* r, const PlaneIndex& ix, int64_t b, int64_t p0, int64_t n, int64_t K,
-                     acc_t* m, acc_t* s, acc_t* w) {
+template <typename scalar_t, typename acc_t, typename Stride>
+void softmax_moments(const scalar_t* r, const PlaneIndex& ix, Stride sp, int64_t b, int64_t p0, int64_t n,
+                     int64_t K, acc_t* m, acc_t* s, acc_t* w) {
   for (int64_t t = 0; t < n; ++t) {
     m[t] = -std::numeric_limits<acc_t>::infinity();
     s[t] = 0;
@@ -29,13 +39,13 @@ void softmax_moments(const scalar_t* r, const PlaneIndex& ix, int64_t b, int64_t
   }
   for (int64_t k = 0; k < K; ++k) {
     const scalar_t* row = r + ix(b, k, p0);
-    for (int64_t t = 0; t < n; ++t) m[t] = std::max(m[t], static_cast<acc_t>(row[t * ix.sp]));
+    for (int64_t t = 0; t < n; ++t) m[t] = std::max(m[t], static_cast<acc_t>(row[t * sp]));
   }
   for (int64_t k = 0; k < K; ++k) {
     const scalar_t* row = r + ix(b, k, p0);
     const acc_t bin = static_cast<acc_t>(k + 1);
     for (int64_t t = 0; t < n; ++t) {
-      const acc_t e = std::exp(static_cast<acc_t>(row[t * ix.sp]) - m[t]);
+      const acc_t e = cpu::exp_nonpositive<acc_t>(static_cast<acc_t>(row[t * sp]) - m[t]);
       s[t] += e;
       w[t] += bin * e;
     }
@@ -66,7 +76,7 @@ at::Tensor soft_argmax_depth_cpu(const at::Tensor& logits_in, double bin_size) {
     scalar_t* d = depth.data_ptr<scalar_t>();
     for_each_chunk(B, H * W, [&](int64_t b, int64_t p0, int64_t n) {
       acc_t m[kChunk], s[kChunk], w[kChunk];
-      softmax_moments(r, ix, b, p0, n, K, m, s, w);
+      with_pixel_stride(ix, [&](auto sp) { softmax_moments(r, ix, sp, b, p0, n, K, m, s, w); });
       for (int64_t t = 0; t < n; ++t) d[b * H * W + p0 + t] = static_cast<scalar_t>(bin_size * (w[t] / s[t]));
     });
   });
@@ -88,19 +98,21 @@ at::Tensor soft_argmax_depth_backward_cpu(const at::Tensor& grad_in, const at::T
     scalar_t* gr = grad_logits.data_ptr<scalar_t>();
     for_each_chunk(B, P, [&](int64_t b, int64_t p0, int64_t n) {
       acc_t m[kChunk], s[kChunk], w[kChunk], coef[kChunk], mean[kChunk];
-      softmax_moments(r, ix, b, p0, n, K, m, s, w);
-      for (int64_t t = 0; t < n; ++t) {
-        coef[t] = static_cast<acc_t>(bin_size) * static_cast<acc_t>(g[b * P + p0 + t]) / s[t];
-        mean[t] = w[t] / s[t];
-      }
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t row = ix(b, k, p0);
-        const acc_t bin = static_cast<acc_t>(k + 1);
+      with_pixel_stride(ix, [&](auto sp) {
+        softmax_moments(r, ix, sp, b, p0, n, K, m, s, w);
         for (int64_t t = 0; t < n; ++t) {
-          const acc_t e = std::exp(static_cast<acc_t>(r[row + t * ix.sp]) - m[t]);
-          gr[row + t * ix.sp] = static_cast<scalar_t>(coef[t] * e * (bin - mean[t]));
+          coef[t] = static_cast<acc_t>(bin_size) * static_cast<acc_t>(g[b * P + p0 + t]) / s[t];
+          mean[t] = w[t] / s[t];
         }
-      }
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t row = ix(b, k, p0);
+          const acc_t bin = static_cast<acc_t>(k + 1);
+          for (int64_t t = 0; t < n; ++t) {
+            const acc_t e = cpu::exp_nonpositive<acc_t>(static_cast<acc_t>(r[row + t * sp]) - m[t]);
+            gr[row + t * sp] = static_cast<scalar_t>(coef[t] * e * (bin - mean[t]));
+          }
+        }
+      });
     });
   });
   return grad_logits;

@@ -1,0 +1,74 @@
+// Loop building blocks for the CPU kernels that the compiler turns into SIMD code.
+//
+// Without -ffast-math a compiler may not reorder a floating-point sum, so `s += x[i]` runs one
+// add per cycle-latency and never vectorises. Summing into kLanes independent accumulators
+// (combined in a fixed order at the end) keeps the result deterministic and lets the lanes map
+// onto vector registers. Likewise std::exp is a scalar libm call; fast_exp_nonpositive is a
+// branch-free polynomial the compiler vectorises.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+namespace pyamalgam {
+namespace cpu {
+
+constexpr int kLanes = 8;
+
+// Adds the kLanes accumulators in a fixed order.
+inline double lane_total(const double (&acc)[kLanes]) {
+  double s = 0;
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
+}
+
+// sum_{p < n} f(p) in kLanes independent accumulators.
+template <typename F>
+inline double lane_sum(int64_t n, const F& f) {
+  double acc[kLanes] = {};
+  int64_t p = 0;
+  for (; p + kLanes <= n; p += kLanes) {
+    for (int j = 0; j < kLanes; ++j) acc[j] += f(p + j);
+  }
+  for (; p < n; ++p) acc[p % kLanes] += f(p);
+  return lane_total(acc);
+}
+
+// e^x for x <= 0 (or NaN) in float, within 2 ulp: x = n ln2 + r, |r| <= ln2 / 2, e^r by a
+// degree-6 polynomial (Cephes expf), 2^n from the exponent bits. e^x underflows to 0 below
+// -87.3; NaN stays NaN. The kernels only need x = logit - max <= 0.
+inline float fast_exp_nonpositive(float x) {
+  const bool tiny = x < -87.33f;
+  const float xc = tiny ? 0.0f : x;
+  const float t = xc * 1.44269504088896341f;
+  const int32_t n = static_cast<int32_t>(t - 0.5f);  // round to nearest for t <= 0
+  const float fn = static_cast<float>(n);
+  float r = xc - fn * 0.693359375f;
+  r = r - fn * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  const float e = tiny ? 0.0f : p * scale;
+  return x != x ? x : e;
+}
+
+template <typename acc_t>
+inline acc_t exp_nonpositive(acc_t x) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return fast_exp_nonpositive(x);
+  } else {
+    return std::exp(x);  // float64 keeps libm's accuracy
+  }
+}
+
+}  // namespace cpu
+}  // namespace pyamalgam
