@@ -545,7 +545,7 @@ class Amalgamator:
             tb.flush()
 
     def _report_step(self, bar, phase, n, done, loss) -> None:
-        value = float(loss)
+        value = float(loss.detach())
         if not bar.disable:
             bar.set_postfix(loss=f"{value:.4g}")
         tb = self._tensorboard()

@@ -18,6 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from .._io import atomic_write
+
 __all__ = ["save_checkpoint", "load_checkpoint", "pack_state", "unpack_state", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
@@ -26,21 +28,8 @@ _META_KEY = "pyamalgam"
 
 def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
     """Atomically write ``tensors`` and the JSON-able ``meta`` to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = safetensors_bytes(_to_cpu(tensors), metadata={_META_KEY: json.dumps({"format": FORMAT_VERSION, **meta})})
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return atomic_write(path, data)
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
@@ -105,16 +94,3 @@ def _to_cpu(tensors: Mapping[str, torch.Tensor]) -> dict:
             seen.add(ptr)
         out[key] = t
     return out
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory file descriptors
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
