@@ -1,0 +1,322 @@
+"""Training the single-task teachers with labels (paper 001, §4): SegNet, DepthNet, NormNet.
+
+A teacher is the reference VGG encoder-decoder of :mod:`pyamalgam.models` with a task head,
+trained on a labelled data set with the task's loss:
+
+* ``"seg"``: Eq. 1, pixel-wise cross-entropy (the ``lambda R(theta)`` term is weight decay);
+* ``"depth"``: Eq. 3, the scale-invariant loss (:func:`pyamalgam.ops.si_depth_loss`) on the
+  depth decoded by Eq. 2 (soft-argmax over ``num_bins`` bins, :class:`~pyamalgam.models.DepthHead`);
+* ``"normal"``: Eq. 4, the negative mean cosine between predicted and true unit normals.
+
+Depth and normal losses are taken over the valid pixels of the sample's ``"mask"``; segmentation
+skips ``ignore_index``. A checkpoint is two files written atomically: ``PATH.safetensors`` (the
+weights) and ``PATH.json`` (what is needed to rebuild the network, plus the training record), so
+:func:`load_teacher` needs nothing else. The Amalgamator and the demo take what it returns.
+
+Usage::
+
+    from pyamalgam.data import SyntheticScenes
+    from pyamalgam.teachers import train_teacher, load_teacher
+
+    net = train_teacher("depth", SyntheticScenes("train", resolution=(96, 128)), steps=500,
+                        out="teachers/depth.safetensors")
+    net = load_teacher("teachers/depth.safetensors")
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ._io import atomic_write
+from .losses import depth_loss, normal_loss, segmentation_loss
+from .models import VGGEncoderDecoder, count_parameters
+
+__all__ = ["TASKS", "canonical_task", "build_teacher", "teacher_loss", "train_teacher", "save_teacher", "load_teacher",
+           "teacher_paths", "open_dataset", "parse_resolution", "run_train_teacher"]
+
+#: Canonical task names (the output names teachers use) and the aliases accepted for them.
+TASKS = ("seg", "depth", "normal")
+_ALIASES = {"seg": "seg", "segmentation": "seg", "parsing": "seg",
+            "depth": "depth",
+            "normal": "normal", "normals": "normal", "surface_normals": "normal"}
+_MODEL_TASK = {"seg": "segmentation", "depth": "depth", "normal": "normals"}
+FORMAT = "pyamalgam-teacher"
+FORMAT_VERSION = 1
+
+
+def canonical_task(task: str) -> str:
+    """``"seg"``, ``"depth"`` or ``"normal"`` for a task name or alias; a clear error otherwise."""
+    if not isinstance(task, str) or task.lower() not in _ALIASES:
+        raise ValueError(f"unknown teacher task {task!r}; expected one of {list(TASKS)} "
+                         f"(aliases: {sorted(set(_ALIASES) - set(TASKS))})")
+    return _ALIASES[task.lower()]
+
+
+def build_teacher(task: str, *, width: float = 1.0, depth: int = 5, decoder: str = "unpool", num_classes: int = 40,
+                  num_bins: int = 64, max_depth: float = 10.0, in_chans: int = 3) -> VGGEncoderDecoder:
+    """An untrained reference teacher (SegNet-VGG16-BN layout, scaled by ``width``) for ``task``."""
+    task = canonical_task(task)
+    return VGGEncoderDecoder(_MODEL_TASK[task], width=width, depth=depth, decoder=decoder, num_classes=num_classes,
+                             num_bins=num_bins, max_depth=max_depth, in_chans=in_chans, name=task)
+
+
+def teacher_loss(task: str, prediction: torch.Tensor, batch: Mapping[str, torch.Tensor],
+                 ignore_index: int = 255) -> torch.Tensor:
+    """The supervised loss of a teacher's prediction against a labelled batch (Eq. 1, 3 or 4)."""
+    task = canonical_task(task)
+    if task == "seg":
+        return segmentation_loss(prediction, batch["seg"], ignore_index=ignore_index)
+    mask = batch["mask"]
+    if task == "depth":
+        mask = mask & (batch["depth"] > 0)
+        return depth_loss(prediction, batch["depth"], mask)
+    mask = mask & (batch["normal"].abs().sum(dim=1) > 0)
+    return normal_loss(prediction, batch["normal"], mask)
+
+
+def _hflip(batch: dict) -> dict:
+    """Mirror a batch left-right; normals in camera coordinates (x right) flip the sign of x."""
+    out = {k: v.flip(-1) for k, v in batch.items()}
+    if "normal" in out:
+        out["normal"] = out["normal"] * out["normal"].new_tensor([-1.0, 1.0, 1.0]).view(1, 3, 1, 1)
+    return out
+
+
+def _infinite(loader):
+    while True:
+        yield from loader
+
+
+def train_teacher(
+    task: str,
+    dataset,
+    *,
+    steps: int = 1000,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    weight_decay: float = 4e-6,
+    power: float = 0.9,
+    width: float = 1.0,
+    depth: int = 5,
+    decoder: str = "unpool",
+    num_bins: int = 64,
+    max_depth: Optional[float] = None,
+    flip: bool = True,
+    device=None,
+    seed: int = 0,
+    num_workers: int = 0,
+    out=None,
+    progress: bool = True,
+    data_name: Optional[str] = None,
+    callback: Optional[Callable[[int, float], None]] = None,
+) -> VGGEncoderDecoder:
+    """Train a reference teacher for ``task`` on a labelled ``dataset`` and optionally save it.
+
+    Args:
+        task: ``"seg"``, ``"depth"`` or ``"normal"`` (aliases such as ``"segmentation"`` work).
+        dataset: a :mod:`pyamalgam.data` data set (dict samples with ``image`` and the task's
+            labels); its ``num_classes``, ``ignore_index`` and ``max_depth`` configure the head.
+        steps: optimiser steps (batches); the data set is cycled.
+        batch_size, lr, weight_decay: optimiser settings; the learning rate follows the poly
+            policy of §6.1 with ``power``.
+        optimizer: ``"adam"`` (default: teachers here are trained from scratch, in few steps) or
+            ``"sgd"`` (momentum 0.9, the paper's choice for its ImageNet-initialised networks).
+        width, depth, decoder: the architecture (:class:`~pyamalgam.models.VGGEncoderDecoder`).
+        num_bins, max_depth: N_d and the range of the depth head (default: the data set's).
+        flip: random horizontal flips (normals are mirrored with the image).
+        device: where to train (default: cuda if available, else cpu).
+        seed: seeds the initialisation and the data order.
+        out: if given, save the trained teacher there (see :func:`save_teacher`).
+        progress: show a tqdm progress bar.
+        data_name: a description of the data for the checkpoint record.
+        callback: called as ``callback(step, loss)`` after every step.
+
+    Returns the trained network in eval mode; ``net.train_record`` holds the per-step losses.
+    """
+    task = canonical_task(task)
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    if task not in getattr(dataset, "tasks", TASKS):
+        raise ValueError(f"the data set {type(dataset).__name__} has no ground truth for {task!r} "
+                         f"(it has {list(dataset.tasks)})")
+    if len(dataset) < 1:
+        raise ValueError("the data set is empty")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    max_depth = float(max_depth if max_depth is not None else getattr(dataset, "max_depth", 10.0))
+    ignore_index = getattr(dataset, "ignore_index", 255)
+    config = {
+        "task": task, "width": width, "depth": depth, "decoder": decoder,
+        "num_classes": int(getattr(dataset, "num_classes", 40)), "num_bins": num_bins, "max_depth": max_depth,
+        "in_chans": 3,
+    }
+    torch.manual_seed(seed)
+    net = build_teacher(**config).to(device).train()
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True,
+                        generator=generator, num_workers=num_workers, pin_memory=device.type == "cuda")
+    params = [p for p in net.parameters() if p.requires_grad]
+    if optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (1.0 - min(s, steps) / steps) ** power)
+    flip_rng = torch.Generator().manual_seed(seed + 1)
+    losses = []
+    t0 = time.perf_counter()
+    bar = tqdm(total=steps, desc=f"teacher {task}", disable=not progress, leave=False)
+    for step, batch in zip(range(steps), _infinite(loader)):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        if flip and torch.rand((), generator=flip_rng) < 0.5:
+            batch = _hflip(batch)
+        loss = teacher_loss(task, net(batch["image"]), batch, ignore_index)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"teacher {task!r}: the loss became {value} at step {step}; lower lr (now {lr})")
+        losses.append(value)
+        if callback is not None:
+            callback(step, value)
+        bar.update(1)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{value:.4g}")
+    bar.close()
+    net.eval()
+    window = max(1, min(len(losses) // 10, 50))
+    net.train_record = {
+        "steps": steps, "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "weight_decay": weight_decay,
+        "power": power, "flip": flip, "seed": seed, "data": data_name or repr(dataset),
+        "seconds": round(time.perf_counter() - t0, 3), "loss_first": losses[0],
+        "loss_final": sum(losses[-window:]) / window, "losses": losses,
+        "parameters": count_parameters(net),
+    }
+    net.teacher_config = config
+    if out is not None:
+        save_teacher(net, out)
+    return net
+
+
+def teacher_paths(path) -> tuple[Path, Path]:
+    """(weights, JSON) paths of a teacher checkpoint given either file or a stem."""
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+
+def save_teacher(net: nn.Module, path, config: Optional[Mapping[str, Any]] = None,
+                 extra: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write ``path`` (.safetensors weights) and its ``.json`` sidecar, each atomically.
+
+    ``config`` defaults to ``net.teacher_config`` (set by :func:`train_teacher`); ``extra`` is
+    stored alongside (the demo keeps its cache key there). The JSON is written last, so a
+    checkpoint whose JSON exists is complete. Returns the weights path.
+    """
+    weights, meta_path = teacher_paths(path)
+    config = dict(config if config is not None else getattr(net, "teacher_config", None) or {})
+    if not config:
+        raise ValueError("save_teacher needs config= (the build_teacher arguments) for a network not made by train_teacher")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+    atomic_write(weights, safetensors_bytes(state, metadata={"format": FORMAT}))
+    record = dict(getattr(net, "train_record", {}) or {})
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": config, "weights": weights.name,
+            "train": {k: v for k, v in record.items() if k != "losses"}, "losses": record.get("losses", []),
+            **dict(extra or {})}
+    atomic_write(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
+    return weights
+
+
+def load_teacher(path, device=None) -> VGGEncoderDecoder:
+    """Rebuild a teacher saved by :func:`save_teacher` (weights + JSON), in eval mode.
+
+    ``path`` is the ``.safetensors`` file, its ``.json`` sidecar, or their common stem. The
+    returned network has ``teacher_config`` and ``checkpoint_meta`` attributes.
+    """
+    weights, meta_path = teacher_paths(path)
+    if not meta_path.is_file() or not weights.is_file():
+        raise FileNotFoundError(f"no teacher checkpoint at {weights} (+ {meta_path.name}); "
+                                f"train one with `pyamalgam train-teacher --out {weights}`")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_path} is not a {FORMAT} v{FORMAT_VERSION} checkpoint")
+    with safe_open(str(weights), framework="pt", device="cpu") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    net = build_teacher(**meta["config"])
+    net.load_state_dict(state, strict=True)
+    net.teacher_config = dict(meta["config"])
+    net.checkpoint_meta = meta
+    net.train_record = dict(meta.get("train", {}), losses=meta.get("losses", []))
+    if device is not None:
+        net.to(device)
+    return net.eval()
+
+
+# ---------------------------------------------------------------------- data sets by name
+
+def parse_resolution(text) -> Optional[tuple]:
+    """``"96x128"`` -> (96, 128); ``"64"`` -> (64, 64); None stays None."""
+    if text is None or isinstance(text, tuple):
+        return text
+    try:
+        parts = [int(p) for p in str(text).lower().replace(",", "x").split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise ValueError(f"resolution must look like HxW (e.g. 96x128), got {text!r}")
+    return tuple(parts)
+
+
+def open_dataset(spec: str, split: str, *, resolution=None, size: Optional[int] = None, seed: int = 0):
+    """A labelled data set from a spec: ``synthetic``, ``nyuv2:/path`` or ``cityscapes:/path``.
+
+    ``split`` is ``"train"``, ``"unlabelled"`` or ``"test"``; the real data sets have no
+    unlabelled split, so their training images stand in for it (their labels are never read
+    by the amalgamation) and their validation split is the test set. ``size`` applies to the
+    synthetic data only; ``resolution`` (H, W) resizes real data (default: stored size).
+    """
+    from . import data
+
+    kind, _, root = str(spec).partition(":")
+    kind = kind.lower()
+    if kind == "synthetic":
+        return data.SyntheticScenes(split, size=size, resolution=resolution or (96, 128), seed=seed)
+    if kind in ("nyuv2", "cityscapes"):
+        if not root:
+            raise ValueError(f"--data {kind} needs a folder: {kind}:/path/to/{kind}")
+        real_split = {"train": "train", "unlabelled": "train", "test": "val"}[split]
+        cls = data.NYUv2 if kind == "nyuv2" else data.Cityscapes
+        return cls(root, real_split, resolution=resolution)
+    raise ValueError(f"unknown data spec {spec!r}; expected 'synthetic', 'nyuv2:/path' or 'cityscapes:/path'")
+
+
+def run_train_teacher(task: str, out, *, data: str = "synthetic", resolution=None, size: Optional[int] = None,
+                      **kwargs) -> dict:
+    """The ``pyamalgam train-teacher`` command: open the data, train, save, return a summary."""
+    task = canonical_task(task)  # fail on a bad task before any data is opened
+    resolution = parse_resolution(resolution)
+    dataset = open_dataset(data, "train", resolution=resolution, size=size, seed=kwargs.get("seed", 0))
+    net = train_teacher(task, dataset, out=out, data_name=str(data), **kwargs)
+    weights, meta = teacher_paths(out)
+    record = net.train_record
+    return {"task": task, "weights": str(weights), "config": str(meta), "parameters": record["parameters"],
+            "steps": record["steps"], "loss_first": record["loss_first"], "loss_final": record["loss_final"],
+            "seconds": record["seconds"]}
