@@ -11,6 +11,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "common.h"
 #include "cpu/vec.h"
@@ -29,9 +30,11 @@ void with_pixel_stride(const PlaneIndex& ix, const F& f) {
 }
 
 // For pixels [p0, p0 + n) of image b: m = max_k r_k, s = sum_k e^{r_k - m}, w = sum_k k e^{r_k - m}.
+// Every e^{r_k - m} is also kept in `keep` (K x kChunk, cache-resident), so that the backward
+// pays one exp per logit, not two.
 template <typename scalar_t, typename acc_t, typename Stride>
 void softmax_moments(const scalar_t* r, const PlaneIndex& ix, Stride sp, int64_t b, int64_t p0, int64_t n,
-                     int64_t K, acc_t* m, acc_t* s, acc_t* w) {
+                     int64_t K, acc_t* m, acc_t* s, acc_t* w, acc_t* keep) {
   for (int64_t t = 0; t < n; ++t) {
     m[t] = -std::numeric_limits<acc_t>::infinity();
     s[t] = 0;
@@ -44,12 +47,22 @@ void softmax_moments(const scalar_t* r, const PlaneIndex& ix, Stride sp, int64_t
   for (int64_t k = 0; k < K; ++k) {
     const scalar_t* row = r + ix(b, k, p0);
     const acc_t bin = static_cast<acc_t>(k + 1);
+    acc_t* kept = keep + k * kChunk;
     for (int64_t t = 0; t < n; ++t) {
       const acc_t e = cpu::exp_nonpositive<acc_t>(static_cast<acc_t>(row[t * sp]) - m[t]);
+      kept[t] = e;
       s[t] += e;
       w[t] += bin * e;
     }
   }
+}
+
+// This thread's K x kChunk scratch for softmax_moments (reused across chunks and calls).
+template <typename acc_t>
+acc_t* chunk_buffer(int64_t K) {
+  thread_local std::vector<acc_t> buffer;
+  if (static_cast<int64_t>(buffer.size()) < K * kChunk) buffer.resize(K * kChunk);
+  return buffer.data();
 }
 
 // Runs fn(b, p0, n) over all pixel chunks of all images, in parallel.
@@ -76,7 +89,8 @@ at::Tensor soft_argmax_depth_cpu(const at::Tensor& logits_in, double bin_size) {
     scalar_t* d = depth.data_ptr<scalar_t>();
     for_each_chunk(B, H * W, [&](int64_t b, int64_t p0, int64_t n) {
       acc_t m[kChunk], s[kChunk], w[kChunk];
-      with_pixel_stride(ix, [&](auto sp) { softmax_moments(r, ix, sp, b, p0, n, K, m, s, w); });
+      acc_t* keep = chunk_buffer<acc_t>(K);
+      with_pixel_stride(ix, [&](auto sp) { softmax_moments(r, ix, sp, b, p0, n, K, m, s, w, keep); });
       for (int64_t t = 0; t < n; ++t) d[b * H * W + p0 + t] = static_cast<scalar_t>(bin_size * (w[t] / s[t]));
     });
   });
@@ -98,8 +112,9 @@ at::Tensor soft_argmax_depth_backward_cpu(const at::Tensor& grad_in, const at::T
     scalar_t* gr = grad_logits.data_ptr<scalar_t>();
     for_each_chunk(B, P, [&](int64_t b, int64_t p0, int64_t n) {
       acc_t m[kChunk], s[kChunk], w[kChunk], coef[kChunk], mean[kChunk];
+      acc_t* keep = chunk_buffer<acc_t>(K);
       with_pixel_stride(ix, [&](auto sp) {
-        softmax_moments(r, ix, sp, b, p0, n, K, m, s, w);
+        softmax_moments(r, ix, sp, b, p0, n, K, m, s, w, keep);
         for (int64_t t = 0; t < n; ++t) {
           coef[t] = static_cast<acc_t>(bin_size) * static_cast<acc_t>(g[b * P + p0 + t]) / s[t];
           mean[t] = w[t] / s[t];
@@ -107,9 +122,9 @@ at::Tensor soft_argmax_depth_backward_cpu(const at::Tensor& grad_in, const at::T
         for (int64_t k = 0; k < K; ++k) {
           const int64_t row = ix(b, k, p0);
           const acc_t bin = static_cast<acc_t>(k + 1);
+          const acc_t* kept = keep + k * kChunk;
           for (int64_t t = 0; t < n; ++t) {
-            const acc_t e = cpu::exp_nonpositive<acc_t>(static_cast<acc_t>(r[row + t * sp]) - m[t]);
-            gr[row + t * sp] = static_cast<scalar_t>(coef[t] * e * (bin - mean[t]));
+            gr[row + t * sp] = static_cast<scalar_t>(coef[t] * kept[t] * (bin - mean[t]));
           }
         }
       });

@@ -6,6 +6,7 @@
 // onto vector registers. Likewise std::exp is a scalar libm call; fast_exp_nonpositive is a
 // branch-free polynomial the compiler vectorises.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -39,9 +40,11 @@ inline double lane_sum(int64_t n, const F& f) {
 // e^x for x <= 0 (or NaN) in float, within 2 ulp: x = n ln2 + r, |r| <= ln2 / 2, e^r by a
 // degree-6 polynomial (Cephes expf), 2^n from the exponent bits. e^x underflows to 0 below
 // -87.3; NaN stays NaN. The kernels only need x = logit - max <= 0.
-inline float fast_exp_nonpositive(float x) {
-  const bool tiny = x < -87.33f;
-  const float xc = tiny ? 0.0f : x;
+__attribute__((always_inline)) inline float fast_exp_nonpositive(float x) {
+  // Branch- and select-free so that loops calling it vectorise: clamp, then zero what underflows
+  // by a multiply (a NaN input stays NaN through r and p).
+  const float keep = static_cast<float>(x >= -87.33f);
+  const float xc = std::max(x, -87.33f);
   const float t = xc * 1.44269504088896341f;
   const int32_t n = static_cast<int32_t>(t - 0.5f);  // round to nearest for t <= 0
   const float fn = static_cast<float>(n);
@@ -57,12 +60,11 @@ inline float fast_exp_nonpositive(float x) {
   const int32_t bits = (n + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  const float e = tiny ? 0.0f : p * scale;
-  return x != x ? x : e;
+  return p * scale * keep;
 }
 
 template <typename acc_t>
-inline acc_t exp_nonpositive(acc_t x) {
+__attribute__((always_inline)) inline acc_t exp_nonpositive(acc_t x) {
   if constexpr (std::is_same_v<acc_t, float>) {
     return fast_exp_nonpositive(x);
   } else {
