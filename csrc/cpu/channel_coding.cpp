@@ -2,7 +2,8 @@
 //
 // Forward: one reduction pass over x (mean per plane), the two tiny FC layers, one rescale pass.
 // Backward: one pass computing sum(x) and sum(grad * x) per plane together, the FC backward, one
-// pass for grad_x. Accumulation is in double, so float32 planes of any size stay exact.
+// pass for grad_x. Sums run in short op-math blocks added into doubles (csrc/cpu/vec.h), so float32
+// planes of any size keep ~double accuracy.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -10,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "common.h"
 #include "cpu/vec.h"
@@ -23,16 +25,15 @@ namespace {
 template <typename scalar_t>
 void plane_sums(const scalar_t* x, const scalar_t* grad, const PlaneIndex& ix, int64_t B, int64_t C,
                 int64_t P, double* sum_x, double* sum_gx) {
+  using acc_t = at::opmath_type<scalar_t>;
   if (ix.sp == 1) {
     at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bc = begin; bc < end; ++bc) {
         const scalar_t* xp = x + bc * P;
+        sum_x[bc] = cpu::lane_sum<acc_t>(P, [&](int64_t p) { return static_cast<acc_t>(xp[p]); });
         if (grad) {
           const scalar_t* gp = grad + bc * P;
-          sum_x[bc] = cpu::lane_sum(P, [&](int64_t p) { return static_cast<double>(xp[p]); });
-          sum_gx[bc] = cpu::lane_sum(P, [&](int64_t p) { return static_cast<double>(gp[p]) * static_cast<double>(xp[p]); });
-        } else {
-          sum_x[bc] = cpu::lane_sum(P, [&](int64_t p) { return static_cast<double>(xp[p]); });
+          sum_gx[bc] = cpu::lane_sum<acc_t>(P, [&](int64_t p) { return static_cast<acc_t>(gp[p]) * static_cast<acc_t>(xp[p]); });
         }
       }
     });
@@ -56,25 +57,30 @@ void plane_sums(const scalar_t* x, const scalar_t* grad, const PlaneIndex& ix, i
   });
 }
 
-// out = a * scale[b, c] (+ shift[b, c] when given), elementwise over a dense layout.
+// out = a * scale[b, c] (+ shift[b, c] when given), elementwise over a dense layout, in the op-math
+// type (float for float inputs: twice the SIMD width of double, and the same rounding as eager).
 template <typename scalar_t>
 void rescale(const scalar_t* a, const double* scale, const double* shift, const PlaneIndex& ix,
              int64_t B, int64_t C, int64_t P, scalar_t* out) {
+  using acc_t = at::opmath_type<scalar_t>;
   // Rows of contiguous elements sharing one (b, c) [NCHW] or one (b, p) [channels_last].
   const bool planar = ix.sp == 1;
   const int64_t rows = planar ? B * C : B * P, len = planar ? P : C;
   at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(len, 1)), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> s_row(planar ? 0 : C), t_row(planar ? 0 : C);
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* ar = a + r * len;
       scalar_t* orow = out + r * len;
       if (planar) {
-        const double s = scale[r], t = shift ? shift[r] : 0.0;
-        for (int64_t i = 0; i < len; ++i) orow[i] = static_cast<scalar_t>(static_cast<double>(ar[i]) * s + t);
+        const acc_t s = static_cast<acc_t>(scale[r]), t = shift ? static_cast<acc_t>(shift[r]) : acc_t(0);
+        for (int64_t i = 0; i < len; ++i) orow[i] = static_cast<scalar_t>(static_cast<acc_t>(ar[i]) * s + t);
       } else {
-        const double* s = scale + (r / P) * C;
-        const double* t = shift ? shift + (r / P) * C : nullptr;
-        for (int64_t c = 0; c < len; ++c)
-          orow[c] = static_cast<scalar_t>(static_cast<double>(ar[c]) * s[c] + (t ? t[c] : 0.0));
+        const int64_t b = r / P;
+        for (int64_t c = 0; c < C; ++c) {
+          s_row[c] = static_cast<acc_t>(scale[b * C + c]);
+          t_row[c] = shift ? static_cast<acc_t>(shift[b * C + c]) : acc_t(0);
+        }
+        for (int64_t c = 0; c < len; ++c) orow[c] = static_cast<scalar_t>(static_cast<acc_t>(ar[c]) * s_row[c] + t_row[c]);
       }
     }
   });

@@ -25,16 +25,23 @@ inline double lane_total(const double (&acc)[kLanes]) {
   return s;
 }
 
-// sum_{p < n} f(p) in kLanes independent accumulators.
-template <typename F>
-inline double lane_sum(int64_t n, const F& f) {
-  double acc[kLanes] = {};
+// sum_{p < n} f(p), f returning acc_t (float for float data), in kLanes independent lanes; each lane
+// sums kFlush values in acc_t at full SIMD width, then goes into a double, so the error does not
+// grow with n.
+template <typename acc_t, typename F>
+__attribute__((always_inline)) inline double lane_sum(int64_t n, const F& f) {
+  constexpr int64_t kFlush = 16;
+  double total[kLanes] = {};
   int64_t p = 0;
-  for (; p + kLanes <= n; p += kLanes) {
-    for (int j = 0; j < kLanes; ++j) acc[j] += f(p + j);
+  for (; p + kFlush * kLanes <= n; p += kFlush * kLanes) {
+    acc_t acc[kLanes] = {};
+    for (int64_t q = 0; q < kFlush * kLanes; q += kLanes) {
+      for (int j = 0; j < kLanes; ++j) acc[j] += f(p + q + j);
+    }
+    for (int j = 0; j < kLanes; ++j) total[j] += static_cast<double>(acc[j]);
   }
-  for (; p < n; ++p) acc[p % kLanes] += f(p);
-  return lane_total(acc);
+  for (; p < n; ++p) total[p % kLanes] += static_cast<double>(f(p));
+  return lane_total(total);
 }
 
 // e^x for x <= 0 (or NaN) in float, within 2 ulp: x = n ln2 + r, |r| <= ln2 / 2, e^r by a

@@ -247,6 +247,26 @@ __device__ __forceinline__ bool column_dot(const double* __restrict__ v, const s
   return true;
 }
 
+// Weight and bias gradients of a linear layer y = W v + b from dL/dy = dz, summed over the batch
+// in a fixed order: thread i < A*V writes gw[x, y] = sum_b dz[b, x] v[b, y] (x = i / V, y = i % V),
+// thread A*V + x writes gb[x] = sum_b dz[b, x]. dz: (B, A), v: (B, V).
+template <typename scalar_t>
+__device__ __forceinline__ void weight_grads(int64_t i, const double* __restrict__ dz, const double* __restrict__ v,
+                                             int64_t B, int64_t A, int64_t V, scalar_t* __restrict__ gw,
+                                             scalar_t* __restrict__ gb) {
+  if (i < A * V) {
+    const int64_t x = i / V, y = i % V;
+    double t = 0;
+    for (int64_t b = 0; b < B; ++b) t += dz[b * A + x] * v[b * V + y];
+    gw[i] = static_cast<scalar_t>(t);
+  } else if (i < A * V + A) {
+    const int64_t x = i - A * V;
+    double t = 0;
+    for (int64_t b = 0; b < B; ++b) t += dz[b * A + x];
+    gb[x] = static_cast<scalar_t>(t);
+  }
+}
+
 // 4a. Blocks [0, na): dz1[b, r] = (sum_c dz2[b, c] w2[c, r]) * (hidden[b, r] > 0).
 //     Blocks [na, ...): gw2[c, r] = sum_b dz2[b, c] hidden[b, r] and gb2[c] = sum_b dz2[b, c].
 template <typename scalar_t>
@@ -263,18 +283,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     return;
   }
-  const int64_t i = (static_cast<int64_t>(blockIdx.x) - na) * kThreads + threadIdx.x;
-  if (i < C * R) {
-    const int64_t c = i / R, r = i % R;
-    double t = 0;
-    for (int64_t b = 0; b < B; ++b) t += dz2[b * C + c] * hidden[b * R + r];
-    gw2[i] = static_cast<scalar_t>(t);
-  } else if (i < C * R + C) {
-    const int64_t c = i - C * R;
-    double t = 0;
-    for (int64_t b = 0; b < B; ++b) t += dz2[b * C + c];
-    gb2[c] = static_cast<scalar_t>(t);
-  }
+  weight_grads((static_cast<int64_t>(blockIdx.x) - na) * kThreads + threadIdx.x, dz2, hidden, B, C, R, gw2, gb2);
 }
 
 // 4b. Blocks [0, na): shift[b, c] = (sum_r dz1[b, r] w1[r, c]) / P.
@@ -292,18 +301,7 @@ __global__ void __launch_bounds__(kThreads)
     if (column_dot(dz1, w1, R, C, b, c, t)) shift[b * C + c] = static_cast<acc_t>(t / P);
     return;
   }
-  const int64_t i = (static_cast<int64_t>(blockIdx.x) - na) * kThreads + threadIdx.x;
-  if (i < R * C) {
-    const int64_t r = i / C, c = i % C;
-    double t = 0;
-    for (int64_t b = 0; b < B; ++b) t += dz1[b * R + r] * pooled[b * C + c];
-    gw1[i] = static_cast<scalar_t>(t);
-  } else if (i < R * C + R) {
-    const int64_t r = i - R * C;
-    double t = 0;
-    for (int64_t b = 0; b < B; ++b) t += dz1[b * R + r];
-    gb1[r] = static_cast<scalar_t>(t);
-  }
+  weight_grads((static_cast<int64_t>(blockIdx.x) - na) * kThreads + threadIdx.x, dz1, pooled, B, R, C, gw1, gb1);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -66,7 +66,8 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path, ref
 def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path, reference, pyamalgam_env):
     checkpoint = tmp_path / "last.safetensors"
     with open(tmp_path / "stderr.txt", "w") as err:
-        proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(tmp_path)], env=pyamalgam_env, stderr=err)
+        proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(tmp_path)], env=pyamalgam_env, stderr=err,
+                                cwd=tmp_path)  # not the checkout: `-c` imports from the cwd first
     try:
         deadline = time.monotonic() + 120
         while not _inside_block(checkpoint, at_least=3):  # killed with blocks done and one half-done

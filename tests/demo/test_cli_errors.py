@@ -66,9 +66,9 @@ def test_real_data_folder_with_wrong_layout(tmp_path, capsys):
             "--no-progress"], capsys, "pyamalgam train-teacher: error:", "not found")
 
 
-def test_exit_code_of_the_console_entry_point(pyamalgam_env):
+def test_exit_code_of_the_console_entry_point(pyamalgam_env, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pyamalgam.cli", "train-teacher", "--task", "seg", "--steps", "-3"],
-                          env=pyamalgam_env, capture_output=True, text=True, timeout=120)
+                          env=pyamalgam_env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and "positive integer" in proc.stderr
 
 
