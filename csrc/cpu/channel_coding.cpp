@@ -68,6 +68,7 @@ void rescale(const scalar_t* a, const double* scale, const double* shift, const 
   const int64_t rows = planar ? B * C : B * P, len = planar ? P : C;
   at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(len, 1)), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> s_row(planar ? 0 : C), t_row(planar ? 0 : C);
+    int64_t row_image = -1;  // the image whose scale/shift s_row/t_row hold
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* ar = a + r * len;
       scalar_t* orow = out + r * len;
@@ -76,9 +77,12 @@ void rescale(const scalar_t* a, const double* scale, const double* shift, const 
         for (int64_t i = 0; i < len; ++i) orow[i] = static_cast<scalar_t>(static_cast<acc_t>(ar[i]) * s + t);
       } else {
         const int64_t b = r / P;
-        for (int64_t c = 0; c < C; ++c) {
-          s_row[c] = static_cast<acc_t>(scale[b * C + c]);
-          t_row[c] = shift ? static_cast<acc_t>(shift[b * C + c]) : acc_t(0);
+        if (b != row_image) {
+          for (int64_t c = 0; c < C; ++c) {
+            s_row[c] = static_cast<acc_t>(scale[b * C + c]);
+            t_row[c] = shift ? static_cast<acc_t>(shift[b * C + c]) : acc_t(0);
+          }
+          row_image = b;
         }
         for (int64_t c = 0; c < len; ++c) orow[c] = static_cast<scalar_t>(static_cast<acc_t>(ar[c]) * s_row[c] + t_row[c]);
       }

@@ -30,11 +30,11 @@ void with_pixel_stride(const PlaneIndex& ix, const F& f) {
 }
 
 // For pixels [p0, p0 + n) of image b: m = max_k r_k, s = sum_k e^{r_k - m}, w = sum_k k e^{r_k - m}.
-// Every e^{r_k - m} is also kept in `keep` (K x kChunk, cache-resident), so that the backward
-// pays one exp per logit, not two.
-template <typename scalar_t, typename acc_t, typename Stride>
+// With KEEP, every e^{r_k - m} is also kept in `keep` (K x kChunk, cache-resident), so that the
+// backward pays one exp per logit, not two.
+template <bool KEEP, typename scalar_t, typename acc_t, typename Stride>
 void softmax_moments(const scalar_t* r, const PlaneIndex& ix, Stride sp, int64_t b, int64_t p0, int64_t n,
-                     int64_t K, acc_t* m, acc_t* s, acc_t* w, acc_t* keep) {
+                     int64_t K, acc_t* m, acc_t* s, acc_t* w, acc_t* keep = nullptr) {
   for (int64_t t = 0; t < n; ++t) {
     m[t] = -std::numeric_limits<acc_t>::infinity();
     s[t] = 0;
@@ -47,10 +47,9 @@ void softmax_moments(const scalar_t* r, const PlaneIndex& ix, Stride sp, int64_t
   for (int64_t k = 0; k < K; ++k) {
     const scalar_t* row = r + ix(b, k, p0);
     const acc_t bin = static_cast<acc_t>(k + 1);
-    acc_t* kept = keep + k * kChunk;
     for (int64_t t = 0; t < n; ++t) {
       const acc_t e = cpu::exp_nonpositive<acc_t>(static_cast<acc_t>(row[t * sp]) - m[t]);
-      kept[t] = e;
+      if constexpr (KEEP) keep[k * kChunk + t] = e;
       s[t] += e;
       w[t] += bin * e;
     }
@@ -89,8 +88,7 @@ at::Tensor soft_argmax_depth_cpu(const at::Tensor& logits_in, double bin_size) {
     scalar_t* d = depth.data_ptr<scalar_t>();
     for_each_chunk(B, H * W, [&](int64_t b, int64_t p0, int64_t n) {
       acc_t m[kChunk], s[kChunk], w[kChunk];
-      acc_t* keep = chunk_buffer<acc_t>(K);
-      with_pixel_stride(ix, [&](auto sp) { softmax_moments(r, ix, sp, b, p0, n, K, m, s, w, keep); });
+      with_pixel_stride(ix, [&](auto sp) { softmax_moments<false>(r, ix, sp, b, p0, n, K, m, s, w); });
       for (int64_t t = 0; t < n; ++t) d[b * H * W + p0 + t] = static_cast<scalar_t>(bin_size * (w[t] / s[t]));
     });
   });
@@ -114,7 +112,7 @@ at::Tensor soft_argmax_depth_backward_cpu(const at::Tensor& grad_in, const at::T
       acc_t m[kChunk], s[kChunk], w[kChunk], coef[kChunk], mean[kChunk];
       acc_t* keep = chunk_buffer<acc_t>(K);
       with_pixel_stride(ix, [&](auto sp) {
-        softmax_moments(r, ix, sp, b, p0, n, K, m, s, w, keep);
+        softmax_moments<true>(r, ix, sp, b, p0, n, K, m, s, w, keep);
         for (int64_t t = 0; t < n; ++t) {
           coef[t] = static_cast<acc_t>(bin_size) * static_cast<acc_t>(g[b * P + p0 + t]) / s[t];
           mean[t] = w[t] / s[t];

@@ -58,3 +58,20 @@ def assert_matches_reference(fused, reference, args, rtol=1e-10, atol=1e-12):
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol)
     return out
+
+
+def assert_pairwise_matches_reference(shape, patch, device="cpu"):
+    """The pair-wise loss against its float64 reference, teacher with 2 more channels than the student."""
+    from pyamalgam import ops
+    from pyamalgam.ops import reference as ref
+
+    b, c, h, w = shape
+    fs = torch.randn(b, c, h, w, dtype=torch.float64, device=device)
+    ft = torch.randn(b, c + 2, h, w, dtype=torch.float64, device=device)
+    assert_matches_reference(
+        lambda s, t: ops.pairwise_affinity_loss(s, t, patch),
+        lambda s, t: ref.pairwise_affinity_loss(s, t, patch),
+        [fs, ft],
+        rtol=1e-9,
+        atol=1e-12,
+    )

@@ -5,7 +5,14 @@ Skipped as a whole without a CUDA device or without CUDA kernels in this build.
 """
 import pytest
 import torch
-from _cases import SHAPES, as_layout, assert_matches_reference, channel_coding_args, depth_args
+from _cases import (
+    SHAPES,
+    as_layout,
+    assert_matches_reference,
+    assert_pairwise_matches_reference,
+    channel_coding_args,
+    depth_args,
+)
 
 import pyamalgam
 from pyamalgam import ops
@@ -124,16 +131,7 @@ def test_si_depth_loss_nan_handling():
 @pytest.mark.parametrize("shape", [(1, 1, 5, 3), (2, 3, 7, 9), (2, 16, 12, 10)])
 @pytest.mark.parametrize("patch", [1, 2, 3])
 def test_pairwise_affinity_loss(shape, patch):
-    b, c, h, w = shape
-    fs = torch.randn(b, c, h, w, dtype=torch.float64, device=DEV)
-    ft = torch.randn(b, c + 2, h, w, dtype=torch.float64, device=DEV)
-    assert_matches_reference(
-        lambda s, t: ops.pairwise_affinity_loss(s, t, patch),
-        lambda s, t: ref.pairwise_affinity_loss(s, t, patch),
-        [fs, ft],
-        rtol=1e-9,
-        atol=1e-12,
-    )
+    assert_pairwise_matches_reference(shape, patch, DEV)
 
 
 def test_pairwise_affinity_loss_at_32000_nodes():

@@ -1,7 +1,14 @@
 """Each fused op against its float64 reference: values, gradients, layouts and dtypes (CPU)."""
 import pytest
 import torch
-from _cases import SHAPES, as_layout, assert_matches_reference, channel_coding_args, depth_args
+from _cases import (
+    SHAPES,
+    as_layout,
+    assert_matches_reference,
+    assert_pairwise_matches_reference,
+    channel_coding_args,
+    depth_args,
+)
 
 from pyamalgam import ops
 from pyamalgam.ops import reference as ref
@@ -44,16 +51,7 @@ def test_si_depth_loss_accepts_a_channel_dimension():
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("patch", [1, 2, 3])
 def test_pairwise_affinity_loss(shape, patch):
-    b, c, h, w = shape
-    fs = torch.randn(b, c, h, w, dtype=torch.float64)
-    ft = torch.randn(b, c + 2, h, w, dtype=torch.float64)
-    assert_matches_reference(
-        lambda s, t: ops.pairwise_affinity_loss(s, t, patch),
-        lambda s, t: ref.pairwise_affinity_loss(s, t, patch),
-        [fs, ft],
-        rtol=1e-9,
-        atol=1e-12,
-    )
+    assert_pairwise_matches_reference(shape, patch)
 
 
 LAYOUTS = ["contiguous", "channels_last", "strided"]
