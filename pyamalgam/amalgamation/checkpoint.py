@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 
 from .._io import atomic_write
@@ -33,15 +34,21 @@ def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
-    """Read a checkpoint written by :func:`save_checkpoint`: (tensors, meta)."""
+    """Read a checkpoint written by :func:`save_checkpoint`: (tensors, meta).
+
+    The file is read in one go, from one open file: a reader that runs while training replaces the
+    checkpoint gets the old version or the new one, never the header of one and the data of the
+    other (``safe_open`` opens the path twice).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    tensors = {}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        header = f.metadata() or {}
-        for key in f.keys():
-            tensors[key] = f.get_tensor(key)
+    data = path.read_bytes()
+    try:
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
+        tensors = safetensors_load(data)
+    except (ValueError, SafetensorError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is not a safetensors file: {e}") from None
     if _META_KEY not in header:
         raise ValueError(f"{path} is a safetensors file but not a pyamalgam checkpoint")
     meta = json.loads(header[_META_KEY])

@@ -112,6 +112,39 @@ def test_a_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.safetensors"]  # no temp file left
 
 
+WRITER = """
+import sys, torch
+from pyamalgam.amalgamation import save_checkpoint
+for i in range(1, 600):  # three sizes, so that a header and data of different versions cannot fit
+    save_checkpoint(sys.argv[1], {"w": torch.full((10 + 5000 * (i % 3),), float(i))}, {"step": i})
+"""
+
+
+def test_a_reader_beside_a_writer_sees_whole_checkpoints(tmp_path, pyamalgam_env):
+    """What `_inside_block` above does while training runs (and what found the bug): reading the
+    header and the data through two opens could pair versions and fail."""
+    path = tmp_path / "last.safetensors"
+    save_checkpoint(path, {"w": torch.zeros(10)}, {"step": 0})
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], env=pyamalgam_env, cwd=tmp_path)
+    loads = 0
+    try:
+        while writer.poll() is None:
+            tensors, meta = load_checkpoint(path)
+            assert torch.equal(tensors["w"], torch.full_like(tensors["w"], meta["step"]))  # one version
+            loads += 1
+    finally:
+        writer.kill()
+        writer.wait()
+    assert loads > 100
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused_by_name(tmp_path):
+    path = tmp_path / "last.safetensors"
+    path.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{oops")
+    with pytest.raises(ValueError, match="last.safetensors is not a safetensors file"):
+        load_checkpoint(path)
+
+
 def test_a_checkpoint_inside_a_block_holds_weights_optimizer_scheduler_and_rng(tmp_path):
     with pytest.raises(_Interrupt):  # item 30 is in step 2 of block 3: the last checkpoint is step 1
         tiny_run(tmp_path, loader=DataLoader(_FailingImages(30), batch_size=4, shuffle=True), checkpoint_every=1)
