@@ -2,7 +2,8 @@
 //
 // The algorithm (csrc/pairwise_affinity.cpp) is device-generic; what it needs per backend is the
 // memory-bound work around the products: pooling pixels into L2-normalised nodes, and the
-// adjoint of that. The CPU versions fuse each into one pass; other devices use ATen.
+// adjoint of that. The CPU versions fuse each into one pass (csrc/cpu/pairwise_nodes.cpp, reached
+// through csrc/cpu/dispatch.cpp, which picks the instruction set); other devices use ATen.
 #pragma once
 #include <ATen/core/Tensor.h>
 

@@ -1,9 +1,12 @@
 // Schemas of pyamalgam's operators and the small non-tensor Python surface (build_info).
 //
-// Kernels are registered per dispatch key in cpu/<op>.cpp and cuda/<op>.cu; fake (meta) kernels
-// and autograd are registered from Python (pyamalgam/ops/*.py), as in pytorch/extension-cpp.
+// Kernels are registered per dispatch key: CPU in cpu/dispatch.cpp (which picks the instruction
+// set), CUDA in cuda/<op>.cu; fake (meta) kernels and autograd are registered from Python
+// (pyamalgam/ops/*.py), as in pytorch/extension-cpp.
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
+
+#include "cpu/dispatch.h"
 
 TORCH_LIBRARY(pyamalgam, m) {
   m.def("channel_coding(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor");
@@ -24,6 +27,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", [] {
     py::dict info;
     info["torch_version"] = PYAMALGAM_TORCH_VERSION;
+    info["cpu_isa"] = pyamalgam::cpu::isa();
+    info["cpu_isas"] = pyamalgam::cpu::compiled_isas();
 #ifdef PYAMALGAM_WITH_CUDA
     info["with_cuda"] = true;
     info["cuda_version"] = PYAMALGAM_CUDA_VERSION;

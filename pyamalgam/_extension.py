@@ -62,8 +62,11 @@ _C = _load()
 def build_info() -> dict:
     """What the compiled operators were built with.
 
-    Keys: ``torch_version`` (the torch compiled against), ``with_cuda`` (whether CUDA kernels were
-    compiled), ``cuda_version`` (nvcc's version, or None) and ``cuda_archs`` (TORCH_CUDA_ARCH_LIST).
+    Keys: ``torch_version`` (the torch compiled against), ``cpu_isas`` (the instruction sets the CPU
+    kernels were compiled for, ``"base,avx2"`` on x86-64), ``cpu_isa`` (the one in use: AVX2 when
+    the CPU and ATen use it; ``ATEN_CPU_CAPABILITY=default`` selects ``"base"``), ``with_cuda``
+    (whether CUDA kernels were compiled), ``cuda_version`` (nvcc's version, or None) and
+    ``cuda_archs`` (TORCH_CUDA_ARCH_LIST).
     """
     return dict(_C.build_info())
 

@@ -11,9 +11,9 @@
 #include <vector>
 
 #include "common.h"
-#include "pairwise_affinity.h"
+#include "cpu/kernels.h"
 
-namespace pyamalgam {
+namespace pyamalgam::cpu::PYAMALGAM_CPU_ISA {
 namespace {
 
 struct Cells {
@@ -54,7 +54,7 @@ inline void for_row(const PlaneIndex& ix, const Cells& g, int64_t b, int64_t h, 
 
 }  // namespace
 
-std::pair<at::Tensor, at::Tensor> normalized_nodes_cpu(const at::Tensor& f_in, int64_t patch) {
+std::pair<at::Tensor, at::Tensor> normalized_nodes(const at::Tensor& f_in, int64_t patch) {
   const auto format = dense_format(f_in);
   const auto f = f_in.contiguous(format);
   const Cells g(f, patch);
@@ -94,8 +94,8 @@ std::pair<at::Tensor, at::Tensor> normalized_nodes_cpu(const at::Tensor& f_in, i
   return {hat, inv};
 }
 
-at::Tensor normalized_nodes_backward_cpu(const at::Tensor& grad_hat_in, const at::Tensor& hat,
-                                         const at::Tensor& inv, const at::Tensor& f, int64_t patch) {
+at::Tensor normalized_nodes_backward(const at::Tensor& grad_hat_in, const at::Tensor& hat,
+                                     const at::Tensor& inv, const at::Tensor& f, int64_t patch) {
   const auto format = dense_format(f);
   const Cells g(f, patch);
   auto out = at::empty(f.sizes(), f.options().memory_format(format));
@@ -132,4 +132,4 @@ at::Tensor normalized_nodes_backward_cpu(const at::Tensor& grad_hat_in, const at
   return out;
 }
 
-}  // namespace pyamalgam
+}  // namespace pyamalgam::cpu::PYAMALGAM_CPU_ISA

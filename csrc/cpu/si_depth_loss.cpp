@@ -6,14 +6,14 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
 
+#include "cpu/kernels.h"
 #include "cpu/vec.h"
 
-namespace pyamalgam {
+namespace pyamalgam::cpu::PYAMALGAM_CPU_ISA {
 namespace {
 
 struct Moments {
@@ -21,12 +21,12 @@ struct Moments {
   Moments operator+(const Moments& o) const { return {n + o.n, s1 + o.s1, s2 + o.s2}; }
 };
 
-// Moments of pixels [begin, end) of one image, in cpu::kLanes independent accumulators so that
+// Moments of pixels [begin, end) of one image, in kLanes independent accumulators so that
 // the loop vectorises. A masked-out pixel is removed by a select, never a multiply, so a NaN
 // there cannot reach the sums.
 template <bool MASKED, typename scalar_t>
 Moments chunk_moments(const scalar_t* pred, const scalar_t* target, const bool* mask, int64_t begin, int64_t end) {
-  double n[cpu::kLanes] = {}, s1[cpu::kLanes] = {}, s2[cpu::kLanes] = {};
+  double n[kLanes] = {}, s1[kLanes] = {}, s2[kLanes] = {};
   auto add = [&](int j, int64_t p) {
     const bool valid = !MASKED || mask[p];
     const double d = valid ? static_cast<double>(target[p]) - static_cast<double>(pred[p]) : 0.0;
@@ -35,11 +35,11 @@ Moments chunk_moments(const scalar_t* pred, const scalar_t* target, const bool* 
     s2[j] += d * d;
   };
   int64_t p = begin;
-  for (; p + cpu::kLanes <= end; p += cpu::kLanes) {
-    for (int j = 0; j < cpu::kLanes; ++j) add(j, p + j);
+  for (; p + kLanes <= end; p += kLanes) {
+    for (int j = 0; j < kLanes; ++j) add(j, p + j);
   }
   for (int j = 0; p < end; ++p, ++j) add(j, p);
-  return {cpu::lane_total(n), cpu::lane_total(s1), cpu::lane_total(s2)};
+  return {lane_total(n), lane_total(s1), lane_total(s2)};
 }
 
 // Moments of each image; pred/target/mask are (B, P) contiguous, mask may be null.
@@ -67,8 +67,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flat(const at::Tensor& pred, cons
   return {pred.reshape({B, -1}).contiguous(), target.reshape({B, -1}).contiguous(), m};
 }
 
-at::Tensor si_depth_loss_cpu(const at::Tensor& pred_in, const at::Tensor& target_in,
-                             const std::optional<at::Tensor>& mask_in) {
+}  // namespace
+
+at::Tensor si_depth_loss(const at::Tensor& pred_in, const at::Tensor& target_in,
+                         const std::optional<at::Tensor>& mask_in) {
   auto [pred, target, mask] = flat(pred_in, target_in, mask_in);
   const int64_t B = pred.size(0), P = pred.size(1);
   double total = 0;
@@ -87,9 +89,9 @@ at::Tensor si_depth_loss_cpu(const at::Tensor& pred_in, const at::Tensor& target
 
 // dL/dd_p = (2 d_p / N - S1 / N^2) / M for valid p (M = images with a valid pixel);
 // d = target - pred, so grad_target = +that and grad_pred = -that.
-std::tuple<at::Tensor, at::Tensor> si_depth_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& pred_in,
-                                                              const at::Tensor& target_in,
-                                                              const std::optional<at::Tensor>& mask_in) {
+std::tuple<at::Tensor, at::Tensor> si_depth_loss_backward(const at::Tensor& grad, const at::Tensor& pred_in,
+                                                          const at::Tensor& target_in,
+                                                          const std::optional<at::Tensor>& mask_in) {
   auto [pred, target, mask] = flat(pred_in, target_in, mask_in);
   const int64_t B = pred.size(0), P = pred.size(1);
   auto grad_pred = at::empty_like(pred);
@@ -132,11 +134,4 @@ std::tuple<at::Tensor, at::Tensor> si_depth_loss_backward_cpu(const at::Tensor& 
   return {grad_pred.view(pred_in.sizes()), grad_target.view(target_in.sizes())};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(pyamalgam, CPU, m) {
-  m.impl("si_depth_loss", &si_depth_loss_cpu);
-  m.impl("si_depth_loss_backward", &si_depth_loss_backward_cpu);
-}
-
-}  // namespace pyamalgam
+}  // namespace pyamalgam::cpu::PYAMALGAM_CPU_ISA

@@ -6,7 +6,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <limits>
@@ -14,9 +13,10 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/kernels.h"
 #include "cpu/vec.h"
 
-namespace pyamalgam {
+namespace pyamalgam::cpu::PYAMALGAM_CPU_ISA {
 namespace {
 
 constexpr int64_t kChunk = 64;
@@ -48,7 +48,7 @@ void softmax_moments(const scalar_t* r, const PlaneIndex& ix, Stride sp, int64_t
     const scalar_t* row = r + ix(b, k, p0);
     const acc_t bin = static_cast<acc_t>(k + 1);
     for (int64_t t = 0; t < n; ++t) {
-      const acc_t e = cpu::exp_nonpositive<acc_t>(static_cast<acc_t>(row[t * sp]) - m[t]);
+      const acc_t e = exp_nonpositive<acc_t>(static_cast<acc_t>(row[t * sp]) - m[t]);
       if constexpr (KEEP) keep[k * kChunk + t] = e;
       s[t] += e;
       w[t] += bin * e;
@@ -76,7 +76,9 @@ void for_each_chunk(int64_t B, int64_t P, const F& fn) {
   });
 }
 
-at::Tensor soft_argmax_depth_cpu(const at::Tensor& logits_in, double bin_size) {
+}  // namespace
+
+at::Tensor soft_argmax_depth(const at::Tensor& logits_in, double bin_size) {
   const auto format = dense_format(logits_in);
   const auto logits = logits_in.contiguous(format);
   const int64_t B = logits.size(0), K = logits.size(1), H = logits.size(2), W = logits.size(3);
@@ -96,7 +98,7 @@ at::Tensor soft_argmax_depth_cpu(const at::Tensor& logits_in, double bin_size) {
 }
 
 // dD/dr_k = l * p_k * (k - E[k]): the softmax Jacobian applied to the bin numbers.
-at::Tensor soft_argmax_depth_backward_cpu(const at::Tensor& grad_in, const at::Tensor& logits_in, double bin_size) {
+at::Tensor soft_argmax_depth_backward(const at::Tensor& grad_in, const at::Tensor& logits_in, double bin_size) {
   const auto format = dense_format(logits_in);
   const auto logits = logits_in.contiguous(format);
   const auto grad = grad_in.to(logits.scalar_type()).contiguous();
@@ -131,11 +133,4 @@ at::Tensor soft_argmax_depth_backward_cpu(const at::Tensor& grad_in, const at::T
   return grad_logits;
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(pyamalgam, CPU, m) {
-  m.impl("soft_argmax_depth", &soft_argmax_depth_cpu);
-  m.impl("soft_argmax_depth_backward", &soft_argmax_depth_backward_cpu);
-}
-
-}  // namespace pyamalgam
+}  // namespace pyamalgam::cpu::PYAMALGAM_CPU_ISA

@@ -13,8 +13,9 @@
 #include <limits>
 #include <type_traits>
 
-namespace pyamalgam {
-namespace cpu {
+// Everything here lives in the namespace of the instruction set the including file is compiled for
+// (csrc/cpu/kernels.h): an inline function compiled for AVX2 must never stand in for a baseline one.
+namespace pyamalgam::cpu::PYAMALGAM_CPU_ISA {
 
 constexpr int kLanes = 8;
 
@@ -25,23 +26,36 @@ inline double lane_total(const double (&acc)[kLanes]) {
   return s;
 }
 
-// sum_{p < n} f(p), f returning acc_t (float for float data), in kLanes independent lanes; each lane
-// sums kFlush values in acc_t at full SIMD width, then goes into a double, so the error does not
-// grow with n.
+// sum_{p < n} f(p), f returning acc_t (float for float data). Four vector registers' worth of
+// independent lanes hide the latency of the adds (one lane per register would wait on every add);
+// each lane sums kFlush values in acc_t at full SIMD width, then goes into a double, so the error
+// does not grow with n.
 template <typename acc_t, typename F>
 __attribute__((always_inline)) inline double lane_sum(int64_t n, const F& f) {
+  constexpr int kSumLanes = 4 * 32 / static_cast<int>(sizeof(acc_t));  // 4 AVX registers
   constexpr int64_t kFlush = 16;
-  double total[kLanes] = {};
-  int64_t p = 0;
-  for (; p + kFlush * kLanes <= n; p += kFlush * kLanes) {
-    acc_t acc[kLanes] = {};
-    for (int64_t q = 0; q < kFlush * kLanes; q += kLanes) {
-      for (int j = 0; j < kLanes; ++j) acc[j] += f(p + q + j);
-    }
-    for (int j = 0; j < kLanes; ++j) total[j] += static_cast<double>(acc[j]);
+  if (n < kSumLanes) {  // too short for lanes to pay off
+    double sum = 0;
+    for (int64_t p = 0; p < n; ++p) sum += static_cast<double>(f(p));
+    return sum;
   }
-  for (; p < n; ++p) total[p % kLanes] += static_cast<double>(f(p));
-  return lane_total(total);
+  double total[kSumLanes] = {};
+  int64_t p = 0;
+  while (const int64_t block = std::min(kFlush, (n - p) / kSumLanes) * kSumLanes) {
+    acc_t acc[kSumLanes] = {};
+    for (int64_t q = p; q < p + block; q += kSumLanes) {
+      for (int j = 0; j < kSumLanes; ++j) acc[j] += f(q + j);
+    }
+    for (int j = 0; j < kSumLanes; ++j) total[j] += static_cast<double>(acc[j]);
+    p += block;
+  }
+  for (; p < n; ++p) total[p % kSumLanes] += static_cast<double>(f(p));
+  // Lanes combined as a tree, in a fixed order: log2(lanes) vector adds, not a chain of 32 scalar
+  // ones (which dominates short sums, e.g. the 16x16 planes of a deep layer).
+  for (int width = kSumLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) total[j] += total[j + width];
+  }
+  return total[0];
 }
 
 // e^x for x <= 0 (or NaN) in float, within 2 ulp: x = n ln2 + r, |r| <= ln2 / 2, e^r by a
@@ -79,5 +93,4 @@ __attribute__((always_inline)) inline acc_t exp_nonpositive(acc_t x) {
   }
 }
 
-}  // namespace cpu
-}  // namespace pyamalgam
+}  // namespace pyamalgam::cpu::PYAMALGAM_CPU_ISA

@@ -1,0 +1,40 @@
+// The CPU kernels, one copy per instruction set (ISA).
+//
+// Each csrc/cpu/<op>.cpp is compiled once for the target's baseline (namespace cpu::base) and, on
+// x86-64, once more with -mavx2 -mfma (cpu::avx2): the same source, twice the SIMD width, and
+// FMA. csrc/cpu/dispatch.cpp registers, when the module loads, the copy the CPU can run and ATen
+// itself uses (ATEN_CPU_CAPABILITY=default therefore selects the baseline for both).
+//
+// A kernel file puts *everything* it defines in namespace cpu::PYAMALGAM_CPU_ISA (helpers in an
+// anonymous namespace inside it), so no AVX2 function can be mistaken for a baseline one at link
+// time; tests/ops/test_cpu_isa.py checks the built module for that.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+#include <utility>
+
+#define PYAMALGAM_DECLARE_CPU_KERNELS(isa)                                                                  \
+  namespace pyamalgam::cpu::isa {                                                                           \
+  at::Tensor channel_coding(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,                 \
+                            const at::Tensor& w2, const at::Tensor& b2);                                    \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_coding_backward(            \
+      const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,               \
+      const at::Tensor& w2, const at::Tensor& b2);                                                          \
+  at::Tensor soft_argmax_depth(const at::Tensor& logits, double bin_size);                                  \
+  at::Tensor soft_argmax_depth_backward(const at::Tensor& grad, const at::Tensor& logits, double bin_size); \
+  at::Tensor si_depth_loss(const at::Tensor& pred, const at::Tensor& target,                                \
+                           const std::optional<at::Tensor>& mask);                                          \
+  std::tuple<at::Tensor, at::Tensor> si_depth_loss_backward(const at::Tensor& grad, const at::Tensor& pred, \
+                                                            const at::Tensor& target,                       \
+                                                            const std::optional<at::Tensor>& mask);         \
+  std::pair<at::Tensor, at::Tensor> normalized_nodes(const at::Tensor& f, int64_t patch);                   \
+  at::Tensor normalized_nodes_backward(const at::Tensor& grad_hat, const at::Tensor& hat,                   \
+                                       const at::Tensor& inv, const at::Tensor& f, int64_t patch);          \
+  }
+
+PYAMALGAM_DECLARE_CPU_KERNELS(base)
+#ifdef PYAMALGAM_CPU_HAVE_AVX2
+PYAMALGAM_DECLARE_CPU_KERNELS(avx2)
+#endif
