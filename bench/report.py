@@ -11,7 +11,9 @@ as a markdown table in ``<device>-<date>.md``, which is also printed; the CPU ru
 scaling and peak-memory records get tables of their own.
 
 Ratios are speed-ups of the fused op: ``eager / fused`` and ``compile / fused`` (> 1: fused is
-faster). GB/s and "% of copy" use the bytes the fused algorithm must move (see _bytes in the
+faster); the "paired" columns (CPU) are the median and interquartile range of per-round ratios
+with the implementations interleaved round by round, which a machine whose speed drifts cannot
+skew. GB/s and "% of copy" use the bytes the fused algorithm must move (see _bytes in the
 benchmark) over the fused op's median device time, against the copy bandwidth measured in the
 same run.
 """
@@ -34,7 +36,8 @@ def _slug(text: str) -> str:
 def collect(raw: dict) -> tuple[list[dict], dict]:
     """Rows keyed by (op, mode, layout, shape, dtype) with one median per implementation."""
     rows: dict[tuple, dict] = {}
-    meta = {"copy_gbps": None, "device": None, "torch": None}
+    meta = {"copy_gbps": None, "device": None, "torch": None,
+            "malloc": (raw.get("machine_info") or {}).get("malloc", "default")}
     for bench in raw.get("benchmarks", []):
         info = bench.get("extra_info", {})
         if "op" not in info:
@@ -50,6 +53,10 @@ def collect(raw: dict) -> tuple[list[dict], dict]:
             {"op": key[0], "mode": key[1], "layout": key[2], "shape": list(key[3]), "dtype": key[4],
              "bytes": info.get("bytes")},
         )
+        if info["impl"] == "paired":
+            for impl in ("eager", "compile"):
+                row[f"paired_{impl}_over_fused"] = info.get(f"paired_{impl}_over_fused")
+            continue
         ms = info.get("median_ms")
         if ms is None:  # fall back on pytest-benchmark's wall-clock median of the loop
             ms = bench["stats"]["median"] * 1e3 / max(1, info.get("inner", 1))
@@ -74,22 +81,28 @@ def _fmt(value, spec):
     return "–" if value is None else format(value, spec)
 
 
+def _paired(q):
+    """Median (interquartile range) of the per-round ratios of test_op_paired."""
+    return "–" if not q else f"{q[1]:.2f} ({q[0]:.2f}–{q[2]:.2f})"
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"Device: {meta['device']}, torch {meta['torch']}, copy bandwidth "
-        f"{_fmt(meta['copy_gbps'], '.0f')} GB/s (read + write).",
+        f"{_fmt(meta['copy_gbps'], '.0f')} GB/s (read + write), malloc: {meta['malloc']}.",
         "",
         "| op | mode | layout | shape | dtype | fused ms | eager ms | compile ms | eager/fused | "
-        "compile/fused | GB/s | % of copy |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "compile/fused | eager/fused, paired | compile/fused, paired | GB/s | % of copy |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            "| {op} | {mode} | {layout} | {shape} | {dtype} | {f} | {e} | {c} | {ef} | {cf} | {gb} | {pc} |".format(
+            "| {op} | {mode} | {layout} | {shape} | {dtype} | {f} | {e} | {c} | {ef} | {cf} | {pe} | {pc_} | {gb} | {pc} |".format(
                 op=r["op"], mode=r["mode"], layout=r["layout"], shape="×".join(map(str, r["shape"])),
                 dtype=r["dtype"], f=_fmt(r.get("fused_ms"), ".4f"), e=_fmt(r.get("eager_ms"), ".4f"),
                 c=_fmt(r.get("compile_ms"), ".4f"), ef=_fmt(r["eager_over_fused"], ".2f"),
-                cf=_fmt(r["compile_over_fused"], ".2f"), gb=_fmt(r["fused_gbps"], ".0f"),
+                cf=_fmt(r["compile_over_fused"], ".2f"), pe=_paired(r.get("paired_eager_over_fused")),
+                pc_=_paired(r.get("paired_compile_over_fused")), gb=_fmt(r["fused_gbps"], ".0f"),
                 pc=_fmt(r["pct_of_copy"], ".0f"),
             )
         )

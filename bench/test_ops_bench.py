@@ -5,13 +5,16 @@
     python bench/report.py bench/results/raw-cpu.json     # tables into bench/results/
 
 Each group holds the three implementations of one op, shape and mode (fwd or fwd+bwd), so the
-ratios come from the same run on the same machine. ``test_pairwise_scaling`` records how the fused
+ratios come from the same run on the same machine; ``test_op_paired`` runs them interleaved, round
+after round, for ratios that a drifting machine cannot skew. ``test_pairwise_scaling`` records how the fused
 pair-wise op grows from N = 1k to 64k nodes; ``test_pairwise_peak_memory`` its peak memory.
 """
 import json
 import platform
+import statistics
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -44,6 +47,7 @@ CASES = {
     "pairwise_affinity_loss B4 C64 64x64": (ops.pairwise_affinity_loss, ref.pairwise_affinity_loss, _pairwise, 2),
 }
 _compiled = {}
+IMPLS = ("fused", "eager", "compile")
 
 
 def _impl(name, impl):
@@ -57,10 +61,8 @@ def _impl(name, impl):
     return _compiled[name]
 
 
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("impl", ["fused", "eager", "compile"])
-@pytest.mark.parametrize("name", list(CASES))
-def test_op(benchmark, name, impl, mode):
+def _step(name, impl, mode):
+    """One call of ``impl`` on fresh inputs of case ``name`` (and its backward for fwd+bwd)."""
     fn = _impl(name, impl)
     _, _, make, n_grad = CASES[name]
     args = make()
@@ -76,11 +78,72 @@ def test_op(benchmark, name, impl, mode):
                 a.grad = None
         return out
 
-    step()  # warm-up (and compilation)
+    step()  # compilation, for torch.compile
+    return step, args
+
+
+def _info(name, mode, args):
+    return dict(op=name.split()[0], mode=mode, shape=list(args[0].shape),
+                dtype=str(args[0].dtype).removeprefix("torch."), device=DEVICE, torch=torch.__version__)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_op(benchmark, name, impl, mode):
+    step, args = _step(name, impl, mode)
     benchmark.group = f"{name} {mode}"
-    benchmark.extra_info.update(op=name.split()[0], impl=impl, mode=mode, shape=list(args[0].shape),
-                                dtype=str(args[0].dtype).removeprefix("torch."), device=DEVICE, torch=torch.__version__)
-    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+    benchmark.extra_info.update(impl=impl, **_info(name, mode, args))
+    benchmark.pedantic(step, rounds=ROUNDS, iterations=_iterations(benchmark, step))
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_op_paired(benchmark, name, mode):
+    """The three implementations in turn, round after round, and the median of the per-round ratios.
+
+    test_op times one implementation after the other, so a shared machine whose speed drifts
+    between them (it does, by 2x at times) skews their ratios; interleaving cancels the drift.
+    """
+    made = {impl: _step(name, impl, mode) for impl in IMPLS}
+    steps = {impl: step for impl, (step, _) in made.items()}
+    calls = {impl: _iterations(benchmark, step) for impl, step in steps.items()}
+    seconds = {impl: [] for impl in IMPLS}
+
+    def one_round():
+        for impl, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(calls[impl]):
+                step()
+            seconds[impl].append((time.perf_counter() - start) / calls[impl])
+
+    benchmark.group = f"paired: {name} {mode}"
+    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
+    info = _info(name, mode, made["fused"][1]) | {"impl": "paired"}
+    for impl in ("eager", "compile"):
+        ratios = [other / fused for other, fused in zip(seconds[impl], seconds["fused"])]
+        q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        info[f"paired_{impl}_over_fused"] = [q1, median, q3]
+    benchmark.extra_info.update(info)
+
+
+ROUNDS = 7
+
+
+def _iterations(benchmark, step, warmup_s=0.3, round_s=0.02):
+    """Calls per timed round, after a warm-up of ``warmup_s``.
+
+    The first calls of a fresh process run several times slower (the heap grows, pages fault in,
+    OpenMP threads start), and single sub-millisecond calls on a shared VM are mostly noise; so
+    every implementation is warmed up for the same time and each round lasts ``round_s`` or more.
+    """
+    if benchmark.disabled:
+        return 1
+    start, calls = time.perf_counter(), 0
+    while calls < 3 or time.perf_counter() - start < warmup_s:
+        step()
+        calls += 1
+    return max(1, round(round_s / ((time.perf_counter() - start) / calls)))
 
 
 @pytest.mark.parametrize("hw", [(32, 32), (64, 64), (128, 128), (256, 256)])
