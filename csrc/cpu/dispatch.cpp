@@ -24,12 +24,14 @@ bool runs_avx2() {
 #endif
 }
 
-}  // namespace
-
-const char* isa() {
-  static const char* const chosen = runs_avx2() ? "avx2" : "base";
+bool use_avx2() {
+  static const bool chosen = runs_avx2();
   return chosen;
 }
+
+}  // namespace
+
+const char* isa() { return use_avx2() ? "avx2" : "base"; }
 
 const char* compiled_isas() {
 #ifdef PYAMALGAM_CPU_HAVE_AVX2
@@ -42,8 +44,7 @@ const char* compiled_isas() {
 }  // namespace pyamalgam::cpu
 
 #ifdef PYAMALGAM_CPU_HAVE_AVX2
-#define PYAMALGAM_CPU_KERNEL(name) \
-  (std::string(pyamalgam::cpu::isa()) == "avx2" ? &pyamalgam::cpu::avx2::name : &pyamalgam::cpu::base::name)
+#define PYAMALGAM_CPU_KERNEL(name) (pyamalgam::cpu::use_avx2() ? &pyamalgam::cpu::avx2::name : &pyamalgam::cpu::base::name)
 #else
 #define PYAMALGAM_CPU_KERNEL(name) (&pyamalgam::cpu::base::name)
 #endif
