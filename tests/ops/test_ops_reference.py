@@ -19,6 +19,21 @@ def test_channel_coding(shape):
     assert_matches_reference(ops.channel_coding, ref.channel_coding, channel_coding_args(*shape))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 3, 7, 9), (1, 5, 13, 1), (4, 8, 6, 11)])
+def test_channel_coding_with_a_gradient_constant_per_plane(shape, layout):
+    """out.sum() or a per-(b, c) weight hands the backward an expanded gradient (stride 0 over H, W),
+    which the CPU kernel reads as B x C numbers instead of materialising it."""
+    args = [a.requires_grad_() for a in channel_coding_args(*shape)]
+    x = as_layout(args[0].detach(), layout).requires_grad_()
+    per_plane = torch.randn(shape[0], shape[1], 1, 1, dtype=torch.float64)
+    for grad_out in (torch.ones(()).double().expand(shape), per_plane.expand(shape)):
+        grads = torch.autograd.grad(ops.channel_coding(x, *args[1:]), [x, *args[1:]], grad_out)
+        expected = torch.autograd.grad(ref.channel_coding(*args), args, grad_out.contiguous())
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("bins", [1, 2, 17])
 def test_soft_argmax_depth(shape, bins):
