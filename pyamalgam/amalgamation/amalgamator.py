@@ -75,10 +75,18 @@ class Amalgamator:
         weights: lambda per output name (Eq. 6 / 8) or per teacher name (Eq. 9's weight of a
             multi-output teacher); default 1.
         objective: "prediction" (Eq. 6, default) or "feature" (Eq. 5).
-        init: Step 1, the student's initial weights: "teacher" (the first single-task teacher,
-            standing in for the paper's ImageNet initialisation), a teacher name, or "random".
+        init: Step 1, the student's initial weights: "teacher" (a copy of the first teacher,
+            standing in for the paper's ImageNet initialisation; for Eq. 9 pass TargetNet-2
+            first, and its trunk is copied), a teacher name, or "random".
         reduction: channel-coding squeeze ratio C / R.
-        lr, momentum, weight_decay, power: SGD and poly-LR settings (§6.1 defaults).
+        coding_gate: initial gate of every channel coding (:class:`pyamalgam.nn.ChannelCoding`):
+            0.95 starts each projection near the identity, so block n first passes the student's
+            features on almost unchanged (our choice; the paper is silent); None: ``nn.Linear``
+            initialisation (gates about 0.5).
+        lr, weight_decay, power: SGD with the poly LR of §6.1 (its defaults: 0.005, 4e-6, 0.9).
+        momentum: SGD momentum; 0.9 is our choice (§6.1 does not give one).
+        optimizer: "sgd" (§6.1) or "adam" (our option for students trained in few steps from
+            teachers that were not ImageNet-initialised; ``momentum`` is then unused).
         device: where to train (default: the teachers' device).
         amp: bf16 autocast for the networks (losses stay float32).
         channels_last: channels_last memory format for networks and images.
@@ -102,8 +110,10 @@ class Amalgamator:
         objective: str = "prediction",
         init: str = "teacher",
         reduction: int = 4,
+        coding_gate: Optional[float] = 0.95,
         lr: float = 0.005,
         momentum: float = 0.9,
+        optimizer: str = "sgd",
         weight_decay: float = 4e-6,
         power: float = 0.9,
         device=None,
@@ -121,9 +131,13 @@ class Amalgamator:
         _check_hparams(lr=lr, momentum=momentum, weight_decay=weight_decay, power=power, reduction=reduction)
         if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
             raise ValueError(f"checkpoint_every must be a positive int or None, got {checkpoint_every!r}")
+        if coding_gate is not None and (isinstance(coding_gate, bool) or not isinstance(coding_gate, (int, float))
+                                        or not 0 < coding_gate < 1):
+            raise ValueError(f"coding_gate must be a number in (0, 1) or None, got {coding_gate!r}")
         if isinstance(cache_targets, bool) or not isinstance(cache_targets, int) or cache_targets < 0:
             raise ValueError(f"cache_targets must be a number of bytes >= 0, got {cache_targets!r}")
         self.lr, self.momentum, self.weight_decay, self.power = lr, momentum, weight_decay, power
+        self.optimizer = _choice("optimizer", optimizer, {"sgd": "sgd", "adam": "adam"})
         self.amp, self.channels_last, self.progress = bool(amp), bool(channels_last), bool(progress)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every = checkpoint_every
@@ -137,7 +151,8 @@ class Amalgamator:
         self.num_blocks = self.student.num_blocks
         self._shapes = _validate_blocks(self.teachers, self.student, probe_size)
         self.codings = nn.ModuleDict({
-            str(n): nn.ModuleDict({key: ChannelCoding(self._shapes[n - 1][0], reduction) for key in self.teachers})
+            str(n): nn.ModuleDict({key: ChannelCoding(self._shapes[n - 1][0], reduction, gate=coding_gate)
+                                   for key in self.teachers})
             for n in range(1, self.num_blocks + 1)
         })
         self._place()
@@ -153,21 +168,28 @@ class Amalgamator:
 
     # ------------------------------------------------------------------ public API
 
-    def fit(self, loader, epochs_per_block: int = 1, *, max_steps_per_block: Optional[int] = None, resume=None) -> dict:
+    def fit(self, loader, epochs_per_block: int = 2, *, max_steps_per_block: Optional[int] = None, resume=None,
+            final_loss_images: int = 64, final_loss_loader=None) -> dict:
         """Step 2: train blocks 1..N of the student and their codings, one block at a time.
 
         The objective is Eq. 6 (Eq. 8 with K teachers, Eq. 9 with a TargetNet among them), or
-        Eq. 5 with ``objective="feature"``. Block n trains for ``epochs_per_block`` passes over ``loader`` (or ``max_steps_per_block``
-        steps) with blocks 1..n-1 and the teachers frozen. ``resume`` (True: the checkpoint in
-        ``checkpoint_dir`` if there is one; or a path) continues an interrupted run without
-        redoing finished blocks. Returns the loss table: output name -> block -> final loss.
+        Eq. 5 with ``objective="feature"``. Block n trains for ``epochs_per_block`` passes over
+        ``loader`` (§6.1: 2 epochs per block) or ``max_steps_per_block`` steps, with blocks
+        1..n-1 and the teachers frozen. ``resume`` (True: the checkpoint in ``checkpoint_dir`` if
+        there is one; or a path) continues an interrupted run without redoing finished blocks.
+
+        The final loss L_t^n of Eq. 7 is measured once block n has finished training: in eval
+        mode, on one fixed set of unlabelled images that is the same for every block,
+        ``final_loss_images`` images of ``loader.dataset`` at evenly spaced indices (or every
+        batch of ``final_loss_loader``). Returns the loss table: output name -> block -> L_t^n.
         """
         total = self._plan(loader, epochs_per_block, max_steps_per_block, "epochs_per_block")
+        probe = _fixed_batches(loader, final_loss_images, final_loss_loader)
         pending = self._resume(resume, phases=("blocks", "finetune", "done"))
         for n in range(1, self.num_blocks + 1):
             if n not in self.completed_blocks:
                 at = pending if pending is not None and pending.block == n else None
-                self._train_block(n, loader, total, at)
+                self._train_block(n, loader, total, at, probe)
         return self.loss_table
 
     def branch_out(self, points: Optional[Mapping[str, int]] = None, *, candidates=None) -> dict:
@@ -206,6 +228,22 @@ class Amalgamator:
             self._train_finetune(loader, total, pending)
         return self.target_net
 
+    @torch.no_grad()
+    def precompute_targets(self, loader) -> int:
+        """Fill the teacher-target cache with one pass over ``loader`` (needs ``cache_targets``).
+
+        Every later block step and fine-tune step on these images then skips the teachers' full
+        forward passes. Pass an unshuffled loader over the training images, so that this pass
+        draws no random number and leaves the training loader's generator alone. Returns the
+        number of images cached.
+        """
+        if self.target_cache is None:
+            raise RuntimeError("precompute_targets() needs a target cache: Amalgamator(..., cache_targets=BYTES)")
+        for batch in tqdm(loader, desc="teacher targets", disable=not self.progress or self.rank != 0, leave=False):
+            with self._autocast():
+                self._teacher_targets(self._images(batch))
+        return len(self.target_cache)
+
     def parameter_report(self) -> dict:
         """Parameter counts: each teacher, their sum, the TargetNet (once assembled), the codings."""
         teachers = {key: count_parameters(t) for key, t in self.teachers.items()}
@@ -217,27 +255,51 @@ class Amalgamator:
 
     # ------------------------------------------------------------------ the two training phases
 
-    def _train_block(self, n: int, loader, total: int, pending) -> None:
+    def _train_block(self, n: int, loader, total: int, pending, probe) -> None:
         step_module = BlockStep(self.student.blocks[str(n)], self.codings[str(n)])
         self.student.requires_grad_(False).eval()
         self.codings.requires_grad_(False)
         step_module.requires_grad_(True).train()
 
-        def step(trainable, x, record):
-            return self._block_loss(n, trainable, x, record)
+        def step(trainable, x):
+            return self._block_loss(n, trainable, x, eq7=False)
 
-        rec, seconds, images = self._train_loop("blocks", n, step_module, step, loader, total, pending)
-        for name, value in rec.items():
+        train, seconds, images = self._train_loop("blocks", n, step_module, step, loader, total, pending)
+        final = self._final_losses(n, step_module, probe)
+        for name, value in final.items():
             table, key = (self.feature_table, name[8:]) if name.startswith("feature/") else (self.loss_table, name)
             table.setdefault(key, {})[n] = value
         self.completed_blocks.add(n)
-        self._log({"event": "block", "block": n, "objective": self.objective, "losses": rec, "steps": total,
-                   "seconds": round(seconds, 3), "images_per_s": round(images / max(seconds, 1e-9), 2)})
+        self._log({"event": "block", "block": n, "objective": self.objective, "losses": final, "train_losses": train,
+                   "steps": total, "seconds": round(seconds, 3), "images_per_s": round(images / max(seconds, 1e-9), 2)})
         self._save("blocks", n)
 
-    def _block_loss(self, n, trainable, x, record):
+    @torch.no_grad()
+    def _final_losses(self, n, step_module, probe) -> dict:
+        """L_t^n of Eq. 7: the trained block n in eval mode on the fixed probe images.
+
+        The mean over images of every term (task losses, and Eq. 5's feature terms with that
+        objective), so that blocks are compared where they ended, on the same images.
+        """
+        step_module.eval()
+        sums: dict = {}
+        count = 0
+        for x in probe:
+            x = self._images(x)
+            _, terms = self._block_loss(n, step_module, x, eq7=True)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().double() * x.shape[0]
+            count += x.shape[0]
+        step_module.train()
+        if not count:
+            raise RuntimeError("no probe image to measure the final block losses (Eq. 7) on: the loader yielded none")
+        return {k: float(v) / count for k, v in sums.items()}
+
+    def _block_loss(self, n, trainable, x, eq7: bool):
+        """(loss to minimise, terms) of one block-n batch; ``eq7`` also scores the task losses
+        under Eq. 5 (Eq. 7 compares task losses whatever the objective)."""
         feature = self.objective == "feature"
-        need_targets = not feature or record  # Eq. 5 scores task losses only for Eq. 7's table
+        need_targets = not feature or eq7
         keys, cached = self._cache_lookup(x) if need_targets else (None, None)
         with torch.no_grad(), self._autocast():
             frozen = frozen_pass(self.student, self.teachers, self._outputs, x, n, targets=need_targets and cached is None,
@@ -254,7 +316,7 @@ class Amalgamator:
             terms = feature_losses(projected, frozen.features)  # Eq. 5
             loss = weighted_sum(terms, self._teacher_weights)
         terms = {f"feature/{k}": v for k, v in terms.items()}
-        if record:  # Eq. 7 compares task losses, so Eq. 5 runs also measure them (last epoch only)
+        if eq7:
             with torch.no_grad(), self._autocast():
                 detached = {k: v.detach() for k, v in projected.items()}
                 terms.update(prediction_losses(self.teachers, self._outputs, detached, n, side, frozen.targets))
@@ -270,7 +332,7 @@ class Amalgamator:
     def _train_finetune(self, loader, total, pending) -> None:
         target = self.target_net.requires_grad_(True).train()
 
-        def step(trainable, x, record):
+        def step(trainable, x):
             with torch.no_grad(), self._autocast():
                 targets = self._teacher_targets(x)
             with self._autocast():
@@ -297,12 +359,16 @@ class Amalgamator:
         return targets
 
     def _train_loop(self, phase, n, module, step_loss, loader, total, pending):
-        """SGD + poly LR over ``total`` steps; checkpoints; mean of each term over the last epoch."""
+        """SGD + poly LR over ``total`` steps; checkpoints; mean of each term over the last
+        epoch's steps (or all steps when there are fewer), for the log only."""
         trainable = self._wrap_ddp(module)
         params = [p for p in module.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        if self.optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        else:
+            opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         sched = PolyLR(opt, total, self.power)
-        window = min(len(loader), total)  # "final loss": the mean over the last epoch
+        window = min(len(loader), total)
         sums: dict = {}
         start = 0
         if pending is not None and pending.step is not None:
@@ -316,7 +382,7 @@ class Amalgamator:
         for step, batch, epoch_rng in self._batches(loader, n, start, total, pending):
             x = self._images(batch)
             recording = step >= total - window
-            loss, terms = step_loss(trainable, x, recording)
+            loss, terms = step_loss(trainable, x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -481,7 +547,7 @@ class Amalgamator:
 
     def _config(self) -> dict:
         return {"teachers": sorted(self.teachers), "outputs": sorted(self.loss_table), "num_blocks": self.num_blocks,
-                "objective": self.objective}
+                "objective": self.objective, "optimizer": self.optimizer}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -649,19 +715,23 @@ def _resolve_weights(teachers, outputs, weights):
 
 
 def _make_student(teachers, init) -> BlockNet:
-    chains = [k for k, t in teachers.items() if isinstance(t, BlockNet)]
+    """Step 1: the student is a copy of one teacher's chain of blocks 1..N, without a head.
+
+    ``"teacher"`` copies the first teacher (in the mapping's order): SegNet for Eq. 6 / 8, and
+    for Eq. 9 TargetNet-2, whose chain is its trunk continued by the stream that branches out
+    last (:meth:`TargetNet.as_trunk`), so TargetNet-3 starts from what TargetNet-2 learnt
+    rather than from NormNet. ``"random"`` re-initialises that copy.
+    """
     if init in ("teacher", "random"):
-        if not chains:
-            raise ValueError("init: the student copies a single-task teacher's architecture; no teacher is a BlockNet")
-        source = chains[0]
+        source = next(iter(teachers))
     elif init in teachers:
-        if init not in chains:
-            raise ValueError(f"init={init!r}: teachers[{init!r}] is not a single-task BlockNet to copy")
         source = init
     else:
         raise ValueError(f"init must be 'teacher', 'random' or a teacher name {sorted(teachers)}, got {init!r}")
-    student = copy.deepcopy(teachers[source])
-    student.head = None  # the student is a trunk: after branch-out the heads come from the teachers
+    as_trunk = getattr(teachers[source], "as_trunk", None)
+    if as_trunk is None:
+        raise ValueError(f"init={init!r}: teachers[{source!r}] has no as_trunk() to copy the student from")
+    student = as_trunk()
     if init == "random":
         student.reset_parameters()
     return student.requires_grad_(False)
@@ -684,7 +754,7 @@ def _validate_blocks(teachers, student, probe_size) -> list:
                 if shape != want:
                     where = f"teachers[{key!r}]" + ("" if stream is None else f" stream {stream!r}")
                     raise ValueError(f"block {n}: {where} gives features {shape} but {ref_name} (a copy of the "
-                                     f"first single-task teacher) gives {want}; teachers must share block shapes")
+                                     f"first teacher) gives {want}; teachers must share block shapes")
         if isinstance(t, BlockNet):
             with torch.no_grad():
                 theirs = set(t.eval().forward_until(x, t.num_blocks)[1])
@@ -693,6 +763,46 @@ def _validate_blocks(teachers, student, probe_size) -> list:
                 raise ValueError(f"teachers[{key!r}] carries side information {sorted(theirs)} but the student carries "
                                  f"{sorted(ours)}; teachers must share the block structure")
     return reference
+
+
+def _fixed_batches(loader, count, probe_loader) -> list:
+    """The probe batches of Eq. 7's final losses: every batch of ``probe_loader``, or ``count``
+    images of ``loader.dataset`` at evenly spaced indices, batched like ``loader``.
+
+    Read by index, not by iterating ``loader``, so that neither the loader's generator nor the
+    global RNG moves: the training batches (and a resumed run's replay) stay what they were. A
+    loader without an indexable data set gives its first batches instead.
+    """
+    if probe_loader is not None:
+        batches = list(probe_loader)
+        if not batches:
+            raise ValueError("final_loss_loader yielded no batch")
+        return batches
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"final_loss_images must be a positive int, got {count!r}")
+    dataset = getattr(loader, "dataset", None)
+    try:
+        size = len(dataset)
+        dataset[0]
+    except Exception:  # not indexable: the first batches of one pass, the global RNG restored after
+        with torch.random.fork_rng(devices=[]):
+            batches, seen = [], 0
+            for batch in loader:
+                batches.append(batch)
+                seen += _batch_len(batch)
+                if seen >= count:
+                    break
+        return batches
+    count = min(count, size)
+    indices = [i * size // count for i in range(count)]
+    batch_size = getattr(loader, "batch_size", None) or 1
+    collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
+    return [collate([dataset[i] for i in indices[j:j + batch_size]]) for j in range(0, count, batch_size)]
+
+
+def _batch_len(batch) -> int:
+    x = batch["image"] if isinstance(batch, Mapping) else batch[0] if isinstance(batch, (tuple, list)) else batch
+    return int(x.shape[0])
 
 
 def _init_distributed():

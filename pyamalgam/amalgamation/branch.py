@@ -14,7 +14,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..models.protocol import BlockNetwork, Side, check_input
+from ..models.protocol import BlockNet, BlockNetwork, Side, check_input
 
 __all__ = ["select_branch_points", "decoder_candidates", "Branch", "TargetNet", "assemble_target_net", "as_outputs"]
 
@@ -166,6 +166,22 @@ class TargetNet(BlockNetwork):
                 branches[key] = Branch(br.point, None, br.tail.tail(n))
         return TargetNet(trunk, branches, self.outputs, num_blocks=self.num_blocks, size_divisor=self.size_divisor,
                          in_chans=self.in_chans, task_weights=self.task_weights)
+
+    def as_trunk(self) -> BlockNet:
+        """The chain a student copies (Step 1 of Eq. 9): the trunk's blocks 1..P, then the blocks
+        P+1..N of the stream that branches out last (P = max point; ties: the first stream).
+
+        The coding at P is left out, so block P+1 first sees uncoded trunk features; block-wise
+        training (Step 2) re-fits it before anything depends on it.
+        """
+        last = max(self.points.values())
+        key = next(k for k, br in self.branches.items() if br.point == last)
+        blocks = {int(i): copy.deepcopy(b) for i, b in self.trunk.items()}
+        tail = self.branches[key].tail
+        blocks.update({int(i): copy.deepcopy(b) for i, b in getattr(tail, "blocks", {}).items() if int(i) > last})
+        if sorted(blocks) != list(range(1, self.num_blocks + 1)):
+            raise ValueError(f"stream {key!r} does not hold blocks {last + 1}..{self.num_blocks}; cannot form a trunk")
+        return BlockNet(blocks, None, num_blocks=self.num_blocks, size_divisor=self.size_divisor, in_chans=self.in_chans)
 
     def _run_trunk(self, x, start, stop, side):
         for i in range(start, stop + 1):

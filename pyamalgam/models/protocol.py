@@ -79,6 +79,10 @@ class BlockNetwork(nn.Module):
         """A copy holding only what :meth:`forward_from` at block >= n needs (blocks n+1..N, head)."""
         raise NotImplementedError
 
+    def as_trunk(self) -> "BlockNet":
+        """A copy of one chain of blocks 1..N, without a head: what a student copies (Step 1)."""
+        raise NotImplementedError
+
     def _check_block(self, n: int, low: int = 0) -> int:
         if isinstance(n, bool) or not isinstance(n, int) or not low <= n <= self.num_blocks:
             raise ValueError(f"block index n must be an int in [{low}, {self.num_blocks}], got {n!r}")
@@ -164,6 +168,14 @@ class BlockNet(BlockNetwork):
             kept, copy.deepcopy(self.head), self.task,
             num_blocks=self.num_blocks, size_divisor=self.size_divisor, in_chans=self.in_chans,
         )
+
+    def as_trunk(self) -> "BlockNet":
+        """A copy of blocks 1..N without the head: the student of Step 1 (§5.1.1)."""
+        if self.first_block != 1:
+            raise ValueError(f"this network holds blocks {self.first_block}..{self.num_blocks} only; a trunk needs all")
+        trunk = copy.deepcopy(self)
+        trunk.head = None
+        return trunk
 
     def reset_parameters(self) -> None:
         """Random re-initialisation of every sub-module that knows how (Step 1, random init)."""

@@ -19,15 +19,22 @@ class ChannelCoding(nn.Module):
     Args:
         channels: C, the channels of the features it codes.
         reduction: C / R, the squeeze ratio (R is at least 1).
+        gate: None (default) initialises both FC layers like ``nn.Linear``, so the initial gates
+            are about 0.5 with some noise; a number in (0, 1) starts every gate at exactly that
+            value (``w2 = 0``, ``b2 = logit(gate)``), a near-identity projection for gate near 1.
+            The paper does not say how the codings are initialised.
     """
 
-    def __init__(self, channels: int, reduction: int = 4, *, device=None, dtype=None):
+    def __init__(self, channels: int, reduction: int = 4, *, gate=None, device=None, dtype=None):
         super().__init__()
         if channels < 1:
             raise ValueError(f"channels must be >= 1, got {channels}")
         if reduction < 1:
             raise ValueError(f"reduction must be >= 1, got {reduction}")
+        if gate is not None and not 0 < gate < 1:
+            raise ValueError(f"gate must be in (0, 1) or None, got {gate!r}")
         self.channels = channels
+        self.gate = gate
         self.hidden = max(1, channels // reduction)
         kw = {"device": device, "dtype": dtype}
         self.w1 = nn.Parameter(torch.empty(self.hidden, channels, **kw))
@@ -42,6 +49,9 @@ class ChannelCoding(nn.Module):
             nn.init.kaiming_uniform_(w, a=math.sqrt(5))
             bound = 1 / math.sqrt(w.shape[1])
             nn.init.uniform_(b, -bound, bound)
+        if self.gate is not None:  # sigmoid(0 * h + logit(gate)) = gate for every input
+            nn.init.zeros_(self.w2)
+            nn.init.constant_(self.b2, math.log(self.gate / (1 - self.gate)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:

@@ -55,8 +55,13 @@ def test_each_teacher_predicts_once_per_batch_and_the_frozen_prefix_builds_no_gr
     am = Amalgamator(teachers, progress=False)
     seen = []
     training = {}
+
+    def hook(module, args, out, i):
+        if torch.is_grad_enabled():  # training steps; the probe of Eq. 7 runs under no_grad
+            seen.append((training["n"], i, out.requires_grad))
+
     for i, block in am.student.blocks.items():
-        block.register_forward_hook(lambda m, a, out, i=int(i): seen.append((training["n"], i, out.requires_grad)))
+        block.register_forward_hook(lambda m, a, out, i=int(i): hook(m, a, out, i))
     original_train_block = am._train_block
 
     def train_block(n, *args):
@@ -65,7 +70,9 @@ def test_each_teacher_predicts_once_per_batch_and_the_frozen_prefix_builds_no_gr
 
     monkeypatch.setattr(am, "_train_block", train_block)
     am.fit(loader(), 1, max_steps_per_block=2)
-    assert calls == {"seg": 12, "depth": 12}  # 6 blocks x 2 steps, one prediction per batch
+    # one prediction per batch: 6 blocks x (2 steps + the 2 probe batches of Eq. 7's final loss)
+    assert calls == {"seg": 24, "depth": 24}
+    assert seen
     for n, i, requires_grad in seen:
         assert i <= n and requires_grad == (i == n), (n, i)
 
@@ -75,7 +82,7 @@ def test_teachers_get_no_gradient_but_pass_it_to_block_n_and_its_codings(teacher
     am = Amalgamator(teachers, progress=False, lr=0.1)
     student0 = {k: v.clone() for k, v in am.student.state_dict().items()}
     codings0 = {k: v.clone() for k, v in am.codings.state_dict().items()}
-    am._train_block(2, loader(), 1, None)
+    am._train_block(2, loader(), 1, None, [next(iter(loader()))])
     for key, t in teachers.items():
         assert all(p.grad is None and not p.requires_grad for p in t.parameters())
         assert all(torch.equal(v, before[key][k]) for k, v in t.state_dict().items())

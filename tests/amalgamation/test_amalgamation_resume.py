@@ -53,9 +53,10 @@ class _FailingImages(_Images):
         return super().__getitem__(i)
 
 
-# item 30: block 3, mid-epoch; 49: block 5's first step (resume from a block-end checkpoint);
-# 82: fine-tuning step 3 (resume from a fine-tuning checkpoint).
-@pytest.mark.parametrize("at", [30, 49, 82])
+# fit() first reads the 12 probe images of Eq. 7's final losses (by index); then 12 items a block.
+# item 42: block 3, mid-epoch; 61: block 5's first step (resume from a block-end checkpoint);
+# 94: fine-tuning step 3 (resume from a fine-tuning checkpoint).
+@pytest.mark.parametrize("at", [42, 61, 94])
 def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path, reference, at):
     interrupted = DataLoader(_FailingImages(at), batch_size=4, shuffle=True)
     with pytest.raises(_Interrupt):
@@ -146,8 +147,8 @@ def test_a_file_that_is_not_a_checkpoint_is_refused_by_name(tmp_path):
 
 
 def test_a_checkpoint_inside_a_block_holds_weights_optimizer_scheduler_and_rng(tmp_path):
-    with pytest.raises(_Interrupt):  # item 30 is in step 2 of block 3: the last checkpoint is step 1
-        tiny_run(tmp_path, loader=DataLoader(_FailingImages(30), batch_size=4, shuffle=True), checkpoint_every=1)
+    with pytest.raises(_Interrupt):  # item 42 is in step 2 of block 3: the last checkpoint is step 1
+        tiny_run(tmp_path, loader=DataLoader(_FailingImages(42), batch_size=4, shuffle=True), checkpoint_every=1)
     tensors, meta = load_checkpoint(tmp_path / "last.safetensors")
     assert (meta["phase"], meta["block"], meta["step"], meta["total"]) == ("blocks", 3, 1, 3)
     assert meta["completed_blocks"] == [1, 2] and set(meta["loss_table"]["seg"]) == {"1", "2"}
