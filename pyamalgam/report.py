@@ -14,8 +14,9 @@ into the run directory:
   minimises), with the chosen branch points marked.
 
 Numbers are printed as measured (ratios as fractions, angles in degrees, like the paper's
-tables); nothing is compared or claimed. The formatting functions take plain dicts so they can be
-tested without running the demo.
+tables). Every student row also carries, per metric, its relative gain over the TeacherNet row and
+their mean Δm (:func:`deltas`): numbers a reader can check, no verdict words. The formatting
+functions take plain dicts so they can be tested without running the demo.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from typing import Mapping, Optional
 
 from ._io import atomic_write
 
-__all__ = ["table1", "table2", "markdown_table", "write_report", "plot_qualitative", "plot_block_losses"]
+__all__ = ["table1", "table2", "markdown_table", "deltas", "relative_gain", "write_report", "plot_qualitative",
+           "plot_block_losses"]
 
 # (column header, task, metric key, decimals)
 TABLE1_COLUMNS = (
@@ -41,6 +43,8 @@ TABLE2_COLUMNS = (
     ("within 11.25°", "normal", "within_11_25", 3), ("within 22.5°", "normal", "within_22_5", 3),
     ("within 30°", "normal", "within_30", 3),
 )
+#: Metrics where lower is better (errors and angles); every other column is higher-is-better.
+LOWER_IS_BETTER = frozenset({"abs_rel", "sq_rel", "mean", "median"})
 _TEACHER_NAMES = {"seg": "SegNet", "depth": "DepthNet", "normal": "NormNet"}
 _AMALGAMATION_TITLES = {"tn2": "TargetNet-2 (Eq. 6)", "tn3_offline": "TargetNet-3 offline (Eq. 8)",
                         "tn3_online": "TargetNet-3 online (Eq. 9)"}
@@ -68,6 +72,26 @@ def _teacher_row(results: Mapping, tasks) -> dict:
 def _target_row(entry: Mapping, label: str) -> dict:
     return {"label": label, "params": entry["params"], "points": dict(entry.get("points", {})),
             "metrics": dict(entry["metrics"])}
+
+
+def relative_gain(value: float, reference: float, key: str) -> Optional[float]:
+    """``(-1)^l (value - reference) / reference`` with l = 1 for a lower-is-better metric: the
+    relative gain over the teacher (positive: closer to perfect); None where it is undefined."""
+    if value is None or reference is None or not (math.isfinite(value) and math.isfinite(reference)) or reference == 0:
+        return None
+    gain = (reference - value) if key in LOWER_IS_BETTER else (value - reference)
+    return gain / abs(reference)
+
+
+def deltas(row: Mapping, teacher: Mapping, columns) -> tuple:
+    """Per column the relative gain of ``row`` over the ``teacher`` row, and Δm: their
+    mean over the columns where both have a value (Maninis et al., CVPR 2019; docs/demo.md)."""
+    per = {}
+    for header, task, key, _ in columns:
+        per[header] = relative_gain(row["metrics"].get(task, {}).get(key),
+                                           teacher["metrics"].get(task, {}).get(key), key)
+    known = [v for v in per.values() if v is not None]
+    return per, (sum(known) / len(known) if known else None)
 
 
 def table1(results: Mapping) -> list:
@@ -103,22 +127,41 @@ def _params(count: int) -> str:
     return f"{count / 1e6:.2f}M" if count >= 1e6 else f"{count / 1e3:.1f}k"
 
 
+def _percent(value: Optional[float]) -> str:
+    return "–" if value is None else f"{100 * value:+.1f}%"
+
+
 def markdown_table(rows, columns) -> str:
-    """A GitHub markdown table: Method, Params, then ``columns`` ((header, task, key, decimals))."""
-    header = ["Method", "Params", *(c[0] for c in columns)]
+    """A GitHub markdown table: Method, Params (and % of the first row's), ``columns``
+    ((header, task, key, decimals)), Δm. The first row is the reference (the teachers); every
+    other cell shows its relative gain over it in parentheses (:func:`relative_gain`)."""
+    header = ["Method", "Params", *(c[0] for c in columns), "Δm"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [row["label"], _params(row["params"]), *(_cell(row, *c[1:]) for c in columns)]
-        lines.append("| " + " | ".join(cells) + " |")
+    reference = rows[0]
+    for i, row in enumerate(rows):
+        params = _params(row["params"])
+        cells = [_cell(row, *c[1:]) for c in columns]
+        if i == 0:
+            delta_m = "ref."
+        else:
+            per, dm = deltas(row, reference, columns)
+            params += f" ({100 * row['params'] / reference['params']:.0f}%)"
+            cells = [c if per[col[0]] is None else f"{c} ({_percent(per[col[0]])})" for c, col in zip(cells, columns)]
+            delta_m = _percent(dm)
+        lines.append("| " + " | ".join([row["label"], params, *cells, delta_m]) + " |")
     return "\n".join(lines)
 
 
 def _table_json(rows, columns) -> list:
     """Rows with exactly the table's numbers (raw floats; None where the network has no output)."""
     out = []
-    for row in rows:
+    for i, row in enumerate(rows):
         values = {c[0]: row["metrics"].get(c[1], {}).get(c[2]) for c in columns}
-        out.append({"label": row["label"], "params": row["params"], "points": row.get("points"), "values": values})
+        entry = {"label": row["label"], "params": row["params"], "points": row.get("points"), "values": values}
+        if i:  # relative gain over the teachers (row 0), + = closer to perfect, and its mean
+            entry["delta"], entry["delta_m"] = deltas(row, rows[0], columns)
+            entry["params_fraction"] = row["params"] / rows[0]["params"]
+        out.append(entry)
     return out
 
 
@@ -130,7 +173,20 @@ def _caption(results: Mapping) -> str:
             f"{cfg.get('data', '?')} {res[0]}x{res[1]} (train {sizes.get('train', '?')}, unlabelled "
             f"{sizes.get('unlabelled', '?')}, test {sizes.get('test', '?')} images), width {cfg.get('width', '?')}, "
             f"seed {results.get('seed', '?')}, {'quick' if results.get('quick') else 'full'} preset. "
-            f"Ratios are fractions, angles in degrees.")
+            f"Ratios are fractions, angles in degrees. In parentheses: Params as a share of the teachers', and "
+            f"each metric's relative gain over the TeacherNet row, signed so that + means a higher value, or a "
+            f"lower one for abs rel, sq rel and angles; Δm is the mean of a row's gains (docs/demo.md).")
+
+
+def _variants_note(results: Mapping) -> str:
+    steps = results.get("config", {}).get("finetune_steps", "?")
+    variants = [t for k, t in results["targets"].items() if k.startswith("tn2_decoder_b")]
+    if variants and not any(t.get("finetuned", True) for t in variants):
+        return (f"Decoder_bn: every task branches out at decoder block n, assembled from the one block-wise fit "
+                f"(Steps 2-3) and not fine-tuned; the Eq. 7 TargetNet is that fit branched where Eq. 7 says, then "
+                f"fine-tuned for {steps} steps (Step 4).")
+    return (f"Decoder_bn: every task branches out at decoder block n; each TargetNet got the same fine-tune budget "
+            f"({steps} steps).")
 
 
 def format_tables(results: Mapping) -> dict:
@@ -139,8 +195,7 @@ def format_tables(results: Mapping) -> dict:
     t1, t2 = table1(results), table2(results)
     md1 = ("## Table 1: TeacherNet and TargetNet-2 branched out at each decoder block\n\n"
            f"{markdown_table(t1, TABLE1_COLUMNS)}\n\n"
-           f"Decoder_bn: every task branches out at decoder block n; each TargetNet got the same fine-tune budget "
-           f"({results.get('config', {}).get('finetune_steps', '?')} steps). {caption}\n")
+           f"{_variants_note(results)} {caption}\n")
     md2 = ("## Table 2: TeacherNet, TargetNet-2 and TargetNet-3\n\n"
            f"{markdown_table(t2, TABLE2_COLUMNS)}\n\n{caption}\n")
     return {"table1.md": md1, "table2.md": md2,
@@ -264,7 +319,7 @@ def _loss_panel(ax, name: str, summary: Mapping) -> None:
                         linestyle="none", label=f"{out}: branch at {p}")
     ax.set_title(_AMALGAMATION_TITLES.get(name, name), fontsize=9)
     ax.set_xlabel("block n")
-    ax.set_ylabel("final block loss L^n")
+    ax.set_ylabel("final block loss L^n (probe images)")
     if all(v > 0 for t in summary["loss_table"].values() for v in t.values()):
         ax.set_yscale("log")  # losses of different tasks differ by orders of magnitude
     ax.legend(fontsize=6)

@@ -57,15 +57,43 @@ def test_table2_rows_and_missing_normals(results):
     md = report.markdown_table(rows, report.TABLE2_COLUMNS)
     lines = md.splitlines()
     assert lines[0] == ("| Method | Params | mIoU | abs rel | sq rel | mean angle | median angle | within 11.25° "
-                        "| within 22.5° | within 30° |")
-    assert lines[2] == "| TeacherNet (SegNet + DepthNet + NormNet) | 83.40M | 0.448 | 0.287 | 0.339 | 37.88 | 36.96 | 0.236 | 0.450 | 0.567 |"
-    assert lines[3].endswith("| – | – | – | – | – |")  # TargetNet-2 has no normal output
+                        "| within 22.5° | within 30° | Δm |")
+    assert lines[2] == ("| TeacherNet (SegNet + DepthNet + NormNet) | 83.40M | 0.448 | 0.287 | 0.339 | 37.88 | 36.96 "
+                        "| 0.236 | 0.450 | 0.567 | ref. |")
+    # TargetNet-2 has no normal output; it has the teachers' seg and depth numbers: gains of 0
+    assert lines[3] == ("| TargetNet-2 | 27.80M (33%) | 0.448 (+0.0%) | 0.287 (+0.0%) | 0.339 (+0.0%) | – | – | – | – "
+                        "| – | +0.0% |")
+
+
+def test_gains_are_signed_per_metric_direction_and_averaged_into_delta_m(results):
+    rows = report.table1(results)
+    teacher, b2 = rows[0], rows[2]  # Decoder_b2: seg metrics x 1.02, depth metrics x 0.98
+    per, dm = report.deltas(b2, teacher, report.TABLE1_COLUMNS)
+    expected = {}
+    for header, task, key, _ in report.TABLE1_COLUMNS:
+        ours, theirs = b2["metrics"][task][key], teacher["metrics"][task][key]
+        lower = key in ("abs_rel", "sq_rel")  # lower is better: a smaller error is a positive gain
+        expected[header] = (theirs - ours) / theirs if lower else (ours - theirs) / theirs
+    assert per == pytest.approx(expected)
+    assert per["mIoU"] == pytest.approx(0.02) and per["abs rel"] == pytest.approx(0.02)
+    assert per["δ<1.25"] == pytest.approx(-0.02)
+    assert dm == pytest.approx(sum(expected.values()) / len(expected))
+    md = report.markdown_table(rows, report.TABLE1_COLUMNS).splitlines()[4]
+    assert md.startswith("| Decoder_b2 | 38.00M (68%) | 0.457 (+2.0%) | 0.698 (+2.0%) | 0.281 (+2.0%) |")
+    t1 = report.format_tables(results)["table1.json"]
+    assert t1["rows"][2]["delta_m"] == pytest.approx(dm) and "delta" not in t1["rows"][0]
+
+
+def test_a_gain_against_a_zero_or_missing_reference_is_left_out():
+    assert report.relative_gain(0.5, 0.0, "miou") is None and report.relative_gain(None, 0.5, "miou") is None
+    assert report.relative_gain(float("nan"), 0.5, "abs_rel") is None
+    assert report.relative_gain(40.0, 50.0, "mean") == pytest.approx(0.2)  # 10 degrees less of 50: +20%
 
 
 def test_markdown_formats_params_and_non_finite():
     rows = [{"label": "a", "params": 117_541, "metrics": {"seg": {"miou": float("nan"), "pixel_acc": 0.5}}}]
     md = report.markdown_table(rows, report.TABLE1_COLUMNS[:2])
-    assert md.splitlines()[-1] == "| a | 117.5k | nan | 0.500 |"
+    assert md.splitlines()[-1] == "| a | 117.5k | nan | 0.500 | ref. |"
 
 
 def test_format_tables_json_and_no_claims(results):
@@ -76,7 +104,7 @@ def test_format_tables_json_and_no_claims(results):
     assert eq7["points"] == {"seg": 10, "depth": 9} and eq7["values"]["mIoU"] == SEG["miou"]
     json.dumps(tables["table1.json"]), json.dumps(tables["table2.json"])  # serialisable
     text = (tables["table1.md"] + tables["table2.md"]).lower()
-    for word in ("outperform", "better", "worse", "beats", "improve"):
+    for word in ("outperform", "better", "worse", "beats", "improve", "master"):  # numbers, not verdicts
         assert word not in text
     assert "cpu (2 threads)" in text and "64x64" in text and "10 steps" in text
 
