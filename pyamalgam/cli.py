@@ -133,6 +133,11 @@ def _override(text: str) -> tuple:
     try:
         if isinstance(default, tuple):
             return key, _resolution(value)
+        if isinstance(default, bool):  # bool("false") is True: spell the two values out
+            words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+            if value.lower() not in words:
+                raise ValueError(value)
+            return key, words[value.lower()]
         return key, type(default)(value)
     except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(f"{key} needs a {type(default).__name__}, got {value!r}") from None

@@ -45,7 +45,12 @@ from .teachers import load_teacher, open_dataset, save_teacher, teacher_paths, t
 __all__ = ["DemoConfig", "demo_config", "run_demo", "evaluate", "InMemoryScenes"]
 
 TASKS = ("seg", "depth", "normal")
-CACHE_VERSION = 1  # bump when a stage's meaning changes
+CACHE_VERSION = 2  # bump when a stage's meaning changes
+
+#: Offsets added to ``--seed``: each stage draws every random number from its own seed (set just
+#: before the stage's first draw), so a stage gives the same result whether the stages before it
+#: ran in this process or were loaded from the cache.
+SEED_OFFSETS = {"teacher/seg": 101, "teacher/depth": 202, "teacher/normal": 303, "fit": 0, "finetune": 7}
 
 
 @dataclasses.dataclass
@@ -56,15 +61,19 @@ class DemoConfig:
     width: float = 1 / 8          # channel multiplier of the VGG16 layout
     depth: int = 5                # pooling stages: N = 10 blocks, 5 decoder blocks
     num_bins: int = 32            # N_d of the depth head (Eq. 2)
-    train_size: int = 400         # labelled images for the teachers
-    unlabelled_size: int = 400    # images the students learn from (labels never read)
-    test_size: int = 64
+    train_size: int = 800         # labelled images for the teachers
+    unlabelled_size: int = 1200   # images the students learn from (labels never read)
+    test_size: int = 200
     batch_size: int = 8
-    teacher_steps: int = 500
+    teacher_steps: int = 900
     teacher_lr: float = 2e-3
-    block_steps: int = 30         # per block of the block-wise amalgamation (Step 2)
-    finetune_steps: int = 60      # Step 4, the same for every TargetNet
-    amalgam_lr: float = 0.01
+    block_steps: int = 32         # per block of the block-wise amalgamation (Step 2)
+    finetune_steps: int = 400     # Step 4, the same for every fine-tuned TargetNet
+    finetune_variants: bool = False  # also fine-tune Decoder_b1..b5 (else: Steps 2-3 only)
+    amalgam_lr: float = 3e-3
+    amalgam_optimizer: str = "adam"
+    probe_images: int = 64        # fixed unlabelled images on which Eq. 7's final block losses are measured
+    target_cache_mb: int = 2048   # teacher targets kept per unlabelled image (the teachers are frozen)
     eval_batch: int = 16
     figure_samples: int = 3
     num_workers: int = 0          # DataLoader workers (rendering and training)
@@ -86,6 +95,8 @@ class DemoConfig:
         if len(self.resolution) != 2 or any(int(s) % divisor for s in self.resolution):
             raise ValueError(f"demo config: resolution {tuple(self.resolution)} must be two multiples of "
                              f"2^depth = {divisor}")
+        if self.amalgam_optimizer not in ("sgd", "adam"):
+            raise ValueError(f"demo config: amalgam_optimizer must be 'sgd' or 'adam', got {self.amalgam_optimizer!r}")
         if self.test_size < self.figure_samples:
             raise ValueError(f"demo config: test_size ({self.test_size}) < figure_samples ({self.figure_samples})")
         return self
@@ -97,17 +108,17 @@ def demo_config(quick: bool = False, device="cpu", **overrides) -> DemoConfig:
     the full one in under 15 min (measured stage times: docs/demo.md)."""
     gpu = _default_device(device).type == "cuda"
     if gpu and quick:
-        cfg = DemoConfig(resolution=(128, 160), width=1 / 4, train_size=256, unlabelled_size=256, test_size=64,
-                         batch_size=16, teacher_steps=300, block_steps=30, finetune_steps=60, num_workers=4)
+        cfg = DemoConfig(resolution=(128, 160), width=1 / 4, train_size=512, unlabelled_size=1024, test_size=100,
+                         batch_size=16, teacher_steps=1000, block_steps=60, finetune_steps=500, finetune_variants=True,
+                         num_workers=4)
     elif gpu:
-        cfg = DemoConfig(resolution=(192, 256), width=1 / 2, num_bins=64, train_size=1000, unlabelled_size=2000,
+        cfg = DemoConfig(resolution=(192, 256), width=1 / 2, num_bins=64, train_size=1000, unlabelled_size=4000,
                          test_size=200, batch_size=16, teacher_steps=3000, teacher_lr=1e-3, block_steps=250,
-                         finetune_steps=1000, amalgam_lr=0.005, eval_batch=32, figure_samples=4,
-                         num_workers=min(8, os.cpu_count() or 1))
-    elif quick:  # CI-sized on a 2-core CPU: every stage runs, on tiny images and a narrow network
-        cfg = DemoConfig(resolution=(64, 64), width=1 / 16, num_bins=16, train_size=96, unlabelled_size=96,
-                         test_size=32, batch_size=8, teacher_steps=150, teacher_lr=3e-3, block_steps=6,
-                         finetune_steps=16, amalgam_lr=0.01, eval_batch=16, figure_samples=3)
+                         finetune_steps=2000, finetune_variants=True, amalgam_lr=1e-3, eval_batch=32,
+                         figure_samples=4, num_workers=min(8, os.cpu_count() or 1))
+    elif quick:  # the README's command on a 2-core CPU: every stage, small images, few steps
+        cfg = DemoConfig(resolution=(64, 64), num_bins=16, train_size=320, unlabelled_size=320, test_size=64,
+                         teacher_steps=250, teacher_lr=3e-3, block_steps=10, finetune_steps=100, probe_images=16)
     else:
         cfg = DemoConfig()
     unknown = set(overrides) - {f.name for f in dataclasses.fields(DemoConfig)}
@@ -218,7 +229,7 @@ def _stage_teacher(task, cfg, train, data_key, out: Path, device, seed, progress
             pass
     net = train_teacher(task, train, steps=cfg.teacher_steps, batch_size=cfg.batch_size, lr=cfg.teacher_lr,
                         width=cfg.width, depth=cfg.depth, num_bins=cfg.num_bins, device=device,
-                        seed=seed + 101 * (TASKS.index(task) + 1), num_workers=cfg.num_workers, progress=progress,
+                        seed=seed + SEED_OFFSETS[f"teacher/{task}"], num_workers=cfg.num_workers, progress=progress,
                         data_name=f"{cfg.data} train ({len(train)} images, {cfg.resolution[0]}x{cfg.resolution[1]})")
     save_teacher(net, path, extra={"demo_key": key})
     return net, key, False
@@ -234,11 +245,13 @@ class _Amalgamation:
     """One Amalgamator and its cache directory: a block-wise fit shared by several TargetNets."""
 
     def __init__(self, name, teachers, outputs, cfg, unlabelled, upstream_key, out: Path, device, seed, progress):
-        self.name, self.cfg, self.seed = name, cfg, seed
+        self.name, self.cfg = name, cfg
+        self.seed, self.finetune_seed = seed + SEED_OFFSETS["fit"], seed + SEED_OFFSETS["finetune"]
         self.outputs = outputs  # teacher key -> output names (for the report)
         self.dir = out / "stages" / name
         self.unlabelled = unlabelled
-        self.key = _key("fit", name, upstream_key, cfg.block_steps, cfg.amalgam_lr, cfg.batch_size, seed)
+        self.key = _key("fit", name, upstream_key, cfg.block_steps, cfg.amalgam_lr, cfg.amalgam_optimizer,
+                        cfg.batch_size, cfg.probe_images, seed)
         self.key_file = self.dir / "key.json"
         state = _read_json(self.key_file)
         stale = state.get("key") != self.key
@@ -247,16 +260,26 @@ class _Amalgamation:
         if stale:
             atomic_write(self.key_file, json.dumps({"key": self.key, "stage": name, "fit_done": False}) + "\n")
         self.cached = not stale and bool(state.get("fit_done"))
-        self.am = Amalgamator(teachers, lr=cfg.amalgam_lr, device=device, checkpoint_dir=self.dir,
-                              progress=progress)
+        torch.manual_seed(self.seed)  # the channel codings' initialisation is this stage's first draw
+        self.am = Amalgamator(teachers, lr=cfg.amalgam_lr, optimizer=cfg.amalgam_optimizer, device=device,
+                              checkpoint_dir=self.dir, progress=progress, cache_targets=cfg.target_cache_mb * 2**20)
         self.results: dict = {}
+        self._warm = False
+
+    def _warm_cache(self) -> None:
+        """Teacher targets of every unlabelled image, once (unshuffled: no random draw)."""
+        if not self._warm:
+            self.am.precompute_targets(DataLoader(_ImagesOnly(self.unlabelled), batch_size=self.cfg.eval_batch))
+            self._warm = True
 
     def fit(self) -> None:
+        if not self.cached:
+            self._warm_cache()
         loader = _loader(self.unlabelled, self.cfg, self.seed)
         torch.manual_seed(self.seed)
         t0 = time.perf_counter()
         self.am.fit(loader, math.ceil(self.cfg.block_steps / len(loader)), max_steps_per_block=self.cfg.block_steps,
-                    resume=True)
+                    resume=True, final_loss_images=self.cfg.probe_images)
         self.fit_seconds = time.perf_counter() - t0
         if not self.cached:
             atomic_write(self.key_file, json.dumps({"key": self.key, "stage": self.name, "fit_done": True,
@@ -278,8 +301,9 @@ class _Amalgamation:
             except Exception:
                 cached = False
         if not cached:
-            loader = _loader(self.unlabelled, self.cfg, self.seed + 7)
-            torch.manual_seed(self.seed + 7)
+            self._warm_cache()
+            loader = _loader(self.unlabelled, self.cfg, self.finetune_seed)
+            torch.manual_seed(self.finetune_seed)
             t0 = time.perf_counter()
             net = self.am.finetune(loader, math.ceil(self.cfg.finetune_steps / len(loader)), max_steps=self.cfg.finetune_steps)
             seconds = time.perf_counter() - t0
@@ -288,6 +312,14 @@ class _Amalgamation:
         self.results[variant] = {"points": chosen, "params": count_parameters(net), "cached": cached,
                                  "finetune_seconds": round(seconds, 3)}
         return net, chosen
+
+    def assembled(self, variant: str, points) -> torch.nn.Module:
+        """The TargetNet of branch ``points`` straight from the block-wise fit (Steps 2-3, no Step 4)."""
+        chosen = self.am.branch_out(points)
+        net = self.am.target_net.eval()
+        self.results[variant] = {"points": chosen, "params": count_parameters(net), "cached": True,
+                                 "finetune_seconds": 0.0, "finetuned": False}
+        return net
 
     def summary(self) -> dict:
         return {
@@ -375,14 +407,16 @@ def _stage_teachers(tasks, cfg, train, data_key, out, device, seed, clock):
 def _stage_targetnet2(teachers, keys, cfg, unlabelled, out, device, seed, clock):
     """One block-wise fit (Eq. 6), then the Eq. 7 TargetNet and Decoder_b1..b5 (Table 1)."""
     tn2 = _Amalgamation("tn2", {t: teachers[t] for t in ("seg", "depth")}, {"seg": ["seg"], "depth": ["depth"]},
-                        cfg, unlabelled, [keys["seg"], keys["depth"]], out, device, seed, clock.progress)
+                        cfg, unlabelled, [keys["seg"], keys["depth"], keys["unlabelled"]], out, device, seed, clock.progress)
     tn2.fit()
     clock.mark("TargetNet-2 block-wise fit (Eq. 6)", tn2.cached)
     target2, points2 = tn2.target("eq7")
     variants = {}
     for b, block in enumerate(decoder_candidates(tn2.am.num_blocks), start=1):
         forced = {"seg": block, "depth": block}
-        if forced == points2:  # the Eq. 7 TargetNet is this variant: same net, same budget
+        if not cfg.finetune_variants:  # Steps 2-3 only: every variant from the same fit, none fine-tuned
+            variants[b] = (tn2.assembled(f"decoder_b{b}", forced), forced, "step2")
+        elif forced == points2:  # the Eq. 7 TargetNet is this variant: same net, same budget
             variants[b] = (target2, forced, "eq7")
             tn2.results[f"decoder_b{b}"] = dict(tn2.results["eq7"], same_as="eq7")
         else:
@@ -396,7 +430,7 @@ def _stage_targetnet3(teachers, keys, tn2, target2, cfg, unlabelled, out, device
     """TargetNet-3 offline (Eq. 8: the three teachers) and online (Eq. 9: TargetNet-2 + NormNet)."""
     tasks = tuple(teachers)
     off = _Amalgamation("tn3_offline", dict(teachers), {t: [t] for t in tasks}, cfg, unlabelled,
-                        [keys[t] for t in tasks], out, device, seed, clock.progress)
+                        [*(keys[t] for t in tasks), keys["unlabelled"]], out, device, seed, clock.progress)
     off.fit()
     net_off = off.target("eq7")[0]
     clock.mark("TargetNet-3 offline (Eq. 8)", off.cached and off.results["eq7"]["cached"])
@@ -427,8 +461,10 @@ def _evaluate_all(teachers, tn2, target2, variants, tn3, test, cfg, device) -> d
     out["targets"]["tn2_eq7"] = eq7
     for b, (net, forced, source) in variants.items():
         metrics = eq7["metrics"] if source == "eq7" else ev(net, ("seg", "depth"))
-        out["targets"][f"tn2_decoder_b{b}"] = {"label": f"Decoder_b{b}", "points": forced, "source": source,
-                                               "params": count_parameters(net), "metrics": metrics}
+        label = f"Decoder_b{b}" + (" (Steps 2-3)" if source == "step2" else "")
+        out["targets"][f"tn2_decoder_b{b}"] = {"label": label, "points": forced, "source": source,
+                                               "finetuned": source != "step2", "params": count_parameters(net),
+                                               "metrics": metrics}
     for name, (am, net) in tn3.items():
         out["targets"][name] = {"label": name, "points": am.results["eq7"]["points"], "params": count_parameters(net),
                                 "metrics": ev(net, tuple(teachers))}
@@ -477,6 +513,7 @@ def run_demo(out="runs/demo", *, device=None, quick: bool = False, seed: int = 0
     if tasks[:2] != ("seg", "depth"):
         raise ValueError(f"the demo needs segmentation and depth ground truth; {cfg.data} has {tasks}")
     teachers, keys = _stage_teachers(tasks, cfg, splits["train"], data_keys["train"], out, device, seed, clock)
+    keys["unlabelled"] = data_keys["unlabelled"]  # what the students learn from
     tn2, target2, variants = _stage_targetnet2(teachers, keys, cfg, splits["unlabelled"], out, device, seed, clock)
     tn3 = {}
     if "normal" in tasks:
