@@ -359,8 +359,8 @@ class Amalgamator:
         return targets
 
     def _train_loop(self, phase, n, module, step_loss, loader, total, pending):
-        """SGD + poly LR over ``total`` steps; checkpoints; mean of each term over the last
-        epoch's steps (or all steps when there are fewer), for the log only."""
+        """SGD (or Adam) + poly LR over ``total`` steps; checkpoints; mean of each term over the
+        last epoch's steps (or all steps when there are fewer), for the log only."""
         trainable = self._wrap_ddp(module)
         params = [p for p in module.parameters() if p.requires_grad]
         if self.optimizer == "adam":
