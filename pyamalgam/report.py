@@ -89,7 +89,7 @@ def deltas(row: Mapping, teacher: Mapping, columns) -> tuple:
     per = {}
     for header, task, key, _ in columns:
         per[header] = relative_gain(row["metrics"].get(task, {}).get(key),
-                                           teacher["metrics"].get(task, {}).get(key), key)
+                                    teacher["metrics"].get(task, {}).get(key), key)
     known = [v for v in per.values() if v is not None]
     return per, (sum(known) / len(known) if known else None)
 

@@ -781,10 +781,9 @@ def _fixed_batches(loader, count, probe_loader) -> list:
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"final_loss_images must be a positive int, got {count!r}")
     dataset = getattr(loader, "dataset", None)
-    try:
-        size = len(dataset)
-        dataset[0]
-    except Exception:  # not indexable: the first batches of one pass, the global RNG restored after
+    indexable = (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
+                 and not isinstance(dataset, torch.utils.data.IterableDataset))
+    if not indexable:  # the first batches of one pass, the global RNG restored after
         with torch.random.fork_rng(devices=[]):
             batches, seen = [], 0
             for batch in loader:
@@ -793,6 +792,7 @@ def _fixed_batches(loader, count, probe_loader) -> list:
                 if seen >= count:
                     break
         return batches
+    size = len(dataset)
     count = min(count, size)
     indices = [i * size // count for i in range(count)]
     batch_size = getattr(loader, "batch_size", None) or 1
