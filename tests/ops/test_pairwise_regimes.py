@@ -98,18 +98,22 @@ def test_a_256x512_map_fits_where_the_reference_cannot(tmp_path, pyamalgam_env):
 
 
 def test_time_grows_linearly_in_nodes():
-    """Doubling N twice must not quadruple the time twice (a quadratic op would, x16 overall)."""
+    """N x16 must cost far less than x256 (what a quadratic op would take).
+
+    Linear would be x16; the bound leaves x4 for cache effects (the small map fits in L2, the large
+    one does not) and for a busy 2-core machine, and a quadratic op would still fail it by x4.
+    """
     import time
 
     def t(hw):
         fs, ft = torch.randn(1, 32, *hw), torch.randn(1, 32, *hw)
         ops.pairwise_affinity_loss(fs, ft)
         best = float("inf")
-        for _ in range(3):
+        for _ in range(5):
             t0 = time.perf_counter()
             ops.pairwise_affinity_loss(fs, ft)
             best = min(best, time.perf_counter() - t0)
         return best
 
-    small, large = t((64, 64)), t((128, 128))  # N = 4096 -> 16384
-    assert large / small < 10, (small, large)
+    small, large = t((32, 32)), t((128, 128))  # N = 1024 -> 16384
+    assert large / small < 64, (small, large)
