@@ -35,9 +35,9 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from ._io import atomic_write
+from .engine import Engine
 from .losses import depth_loss, normal_loss, segmentation_loss
 from .models import VGGEncoderDecoder, count_parameters
 
@@ -92,11 +92,6 @@ def _hflip(batch: dict) -> dict:
     return out
 
 
-def _infinite(loader):
-    while True:
-        yield from loader
-
-
 def train_teacher(
     task: str,
     dataset,
@@ -113,6 +108,7 @@ def train_teacher(
     num_bins: int = 64,
     max_depth: Optional[float] = None,
     flip: bool = True,
+    channels_last: bool = False,
     device=None,
     seed: int = 0,
     num_workers: int = 0,
@@ -135,6 +131,8 @@ def train_teacher(
         width, depth, decoder: the architecture (:class:`~pyamalgam.models.VGGEncoderDecoder`).
         num_bins, max_depth: N_d and the range of the depth head (default: the data set's).
         flip: random horizontal flips (normals are mirrored with the image).
+        channels_last: train in the channels_last memory format (on 2 CPU cores about 15 % faster
+            per step for the 1/8-width demo teachers; the numbers differ in the last bits).
         device: where to train (default: cuda if available, else cpu).
         seed: seeds the initialisation and the data order.
         out: if given, save the trained teacher there (see :func:`save_teacher`).
@@ -167,43 +165,37 @@ def train_teacher(
     }
     torch.manual_seed(seed)
     net = build_teacher(**config).to(device).train()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    net.to(memory_format=fmt)
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True,
                         generator=generator, num_workers=num_workers, pin_memory=device.type == "cuda")
-    params = [p for p in net.parameters() if p.requires_grad]
-    if optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (1.0 - min(s, steps) / steps) ** power)
+    engine = Engine(device=device, optimizer=optimizer, lr=lr, momentum=0.9, weight_decay=weight_decay, power=power,
+                    progress=progress)
     flip_rng = torch.Generator().manual_seed(seed + 1)
     losses = []
-    t0 = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"teacher {task}", disable=not progress, leave=False)
-    for step, batch in zip(range(steps), _infinite(loader)):
+
+    def step_loss(module, batch):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         if flip and torch.rand((), generator=flip_rng) < 0.5:
             batch = _hflip(batch)
-        loss = teacher_loss(task, net(batch["image"]), batch, ignore_index)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        return teacher_loss(task, module(batch["image"].contiguous(memory_format=fmt)), batch, ignore_index), {}
+
+    def on_step(step, loss):
         value = float(loss.detach())
         if not math.isfinite(value):
             raise FloatingPointError(f"teacher {task!r}: the loss became {value} at step {step}; lower lr (now {lr})")
         losses.append(value)
         if callback is not None:
             callback(step, value)
-        bar.update(1)
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{value:.4g}")
-    bar.close()
-    net.eval()
+
+    t0 = time.perf_counter()
+    engine.run_phase(net, step_loss, loader, steps, desc=f"teacher {task}", tag=f"teacher/{task}/loss", on_step=on_step)
+    net.to(memory_format=torch.contiguous_format).eval()
     window = max(1, min(len(losses) // 10, 50))
     net.train_record = {
         "steps": steps, "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "weight_decay": weight_decay,
-        "power": power, "flip": flip, "seed": seed, "data": data_name or repr(dataset),
+        "power": power, "flip": flip, "channels_last": bool(channels_last), "seed": seed, "data": data_name or repr(dataset),
         "seconds": round(time.perf_counter() - t0, 3), "loss_first": losses[0],
         "loss_final": sum(losses[-window:]) / window, "losses": losses,
         "parameters": count_parameters(net),

@@ -1,9 +1,12 @@
-"""Knowledge amalgamation (paper 001, §5): block-wise training, branch-out, TargetNet, resume."""
-from .amalgamator import Amalgamator, PolyLR
+"""Knowledge amalgamation (paper 001, §5): block-wise training, branch-out, TargetNet.
+
+The training machinery under it (loop, resume, DDP, logs, checkpoints, target cache) is
+:mod:`pyamalgam.engine`; its checkpoint functions and cache are re-exported here.
+"""
+from ..engine import PolyLR, TargetCache, load_checkpoint, save_checkpoint
+from .amalgamator import Amalgamator
 from .blockwise import BlockStep, FrozenPass, feature_losses, frozen_pass, prediction_losses, weighted_sum
 from .branch import Branch, TargetNet, assemble_target_net, decoder_candidates, select_branch_points
-from .cache import TargetCache
-from .checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = [
     "Amalgamator",

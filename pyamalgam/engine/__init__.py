@@ -1,0 +1,24 @@
+"""The training machinery every trainer shares (see docs/engine.md).
+
+- :class:`Engine` — the loop over one phase (steps, epochs, poly LR), mid-phase checkpoints with
+  bit-identical resume, DDP wrapping and BatchNorm sync, tqdm and TensorBoard;
+- :class:`PhaseState` — what a checkpoint holds to continue a phase; :class:`RunLog` — JSON lines;
+- :func:`save_checkpoint` / :func:`load_checkpoint` — atomic safetensors files;
+- :class:`TargetCache` — teacher targets kept per image;
+- :func:`get_rng_state` / :func:`set_rng_state` — every generator a step can draw from.
+
+A trainer (the Amalgamator, the teacher trainer) is its objective on top of these.
+"""
+from .cache import TargetCache
+from .checkpoint import load_checkpoint, pack_state, save_checkpoint, unpack_state
+from .distributed import all_reduce_mean, init_distributed, module_device, sync_buffers, wrap_ddp
+from .loop import Engine, PhaseResult, PhaseState, PolyLR, batch_len, make_optimizer, plan_steps
+from .rng import get_rng_state, set_rng_state
+from .runlog import RunLog
+
+__all__ = [
+    "Engine", "PhaseState", "PhaseResult", "PolyLR", "make_optimizer", "plan_steps", "batch_len", "RunLog",
+    "save_checkpoint", "load_checkpoint", "pack_state", "unpack_state", "TargetCache",
+    "get_rng_state", "set_rng_state", "init_distributed", "wrap_ddp", "sync_buffers", "all_reduce_mean",
+    "module_device",
+]

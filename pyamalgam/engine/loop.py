@@ -1,0 +1,312 @@
+"""The optimisation loop every trainer shares: one *phase* (a block, a fine-tune, a teacher)
+trained for a number of steps over a re-iterable loader, with the poly LR of paper 001 §6.1.
+
+A trainer supplies its objective as ``step_loss(module, batch) -> (loss, terms)`` and a ``save``
+callback that writes its checkpoint; the :class:`Engine` does the rest: optimiser and schedule,
+epochs and their shuffles, mid-phase checkpoints (every ``checkpoint_every`` steps) that resume
+bit-identically after ``kill -9`` (the half-done epoch's shuffle is replayed from the RNG state
+at its start), DDP wrapping and BatchNorm sync, tqdm, TensorBoard, and the mean of each term over
+the phase's last epoch for the log.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+from tqdm import tqdm
+
+from .checkpoint import pack_state, unpack_state
+from .distributed import all_reduce_mean, init_distributed, sync_buffers, wrap_ddp
+from .rng import get_rng_state, set_rng_state
+from .runlog import RunLog
+
+__all__ = ["Engine", "PhaseState", "PhaseResult", "PolyLR", "batch_len", "make_optimizer", "plan_steps"]
+
+OPTIMIZERS = ("sgd", "adam")
+_STATE_KEYS = ("rng", "epoch_rng", "optimizer", "scheduler", "sums")
+
+
+class PolyLR(LRScheduler):
+    """The poly policy of §6.1: ``lr = base_lr * (1 - step / total_steps) ** power``."""
+
+    def __init__(self, optimizer, total_steps: int, power: float = 0.9, last_epoch: int = -1):
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        self.total_steps = total_steps
+        self.power = power
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self):
+        factor = (1.0 - min(self.last_epoch, self.total_steps) / self.total_steps) ** self.power
+        return [base * factor for base in self.base_lrs]
+
+
+def make_optimizer(params, name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    """SGD with momentum (§6.1) or Adam (``momentum`` unused)."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {name!r}")
+
+
+def plan_steps(loader, epochs, max_steps, epochs_name: str = "epochs", world_size: int = 1) -> int:
+    """Steps of a phase: ``epochs`` passes over ``loader``, at most ``max_steps``; checks both."""
+    try:
+        per_epoch = len(loader)
+    except TypeError:
+        raise TypeError(f"loader must have a length (a map-style DataLoader), got {type(loader).__name__}") from None
+    if isinstance(loader, Iterator):  # one pass only: the next phase (or a resumed epoch) would find it exhausted
+        raise TypeError(f"loader must be re-iterable (e.g. a DataLoader), got a one-shot {type(loader).__name__}")
+    if per_epoch < 1:
+        raise ValueError("loader is empty")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"{epochs_name} must be a positive int, got {epochs!r}")
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+        raise ValueError(f"max_steps must be a positive int or None, got {max_steps!r}")
+    if world_size > 1 and not isinstance(getattr(loader, "sampler", None), torch.utils.data.DistributedSampler):
+        warnings.warn("distributed run without a DistributedSampler: every rank sees every batch", stacklevel=3)
+    total = per_epoch * epochs
+    return total if max_steps is None else min(total, max_steps)
+
+
+@dataclass
+class PhaseState:
+    """Where a checkpoint left a phase: the step reached and what continuing it needs.
+
+    ``rng`` is the generators' state at the checkpoint, ``epoch_rng`` theirs at the start of the
+    epoch in progress (its shuffle is replayed from it). A checkpoint between phases has only
+    ``rng`` (``step`` None).
+    """
+
+    rng: dict
+    step: Optional[int] = None
+    total: Optional[int] = None
+    epoch_rng: Optional[dict] = None
+    optimizer: Optional[dict] = None
+    scheduler: Optional[dict] = None
+    sums: Optional[dict] = None
+
+    def to_meta(self, tensors: dict) -> dict:
+        """JSON-able checkpoint fields; the tensors go to ``tensors``."""
+        meta = {"step": self.step, "total": self.total}
+        for key in _STATE_KEYS:
+            value = getattr(self, key)
+            if value is not None:
+                meta[key] = pack_state(value, key, tensors)
+        return meta
+
+    @classmethod
+    def from_meta(cls, meta: dict, tensors: dict) -> "PhaseState":
+        state = {k: unpack_state(meta[k], tensors) for k in _STATE_KEYS if k in meta}
+        return cls(step=meta.get("step"), total=meta.get("total"), **state)
+
+
+@dataclass
+class PhaseResult:
+    losses: dict      # term -> mean over the phase's last epoch (all steps if fewer)
+    seconds: float
+    images: int
+
+    @property
+    def images_per_s(self) -> float:
+        return round(self.images / max(self.seconds, 1e-9), 2)
+
+
+class Engine:
+    """Optimiser, schedule, devices, checkpoints and logs for one trainer.
+
+    Args:
+        device: where the networks train.
+        optimizer, lr, momentum, weight_decay, power: the optimiser (:func:`make_optimizer`) and
+            the poly LR (:class:`PolyLR`) of every phase.
+        amp: bf16 autocast inside :meth:`autocast`.
+        checkpoint_every: call ``save`` every this many steps inside a phase (None: never).
+        progress: tqdm bars (rank 0 only).
+        log_dir, log_name: where the trainer's :class:`RunLog` writes (None: in memory only).
+    """
+
+    def __init__(self, *, device, optimizer: str = "sgd", lr: float = 0.005, momentum: float = 0.9,
+                 weight_decay: float = 4e-6, power: float = 0.9, amp: bool = False,
+                 checkpoint_every: Optional[int] = None, progress: bool = True, log_dir=None,
+                 log_name: str = "train.jsonl"):
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
+        if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
+                                             or checkpoint_every < 1):
+            raise ValueError(f"checkpoint_every must be a positive int or None, got {checkpoint_every!r}")
+        self.device = torch.device(device)
+        self.optimizer, self.lr, self.momentum = optimizer, lr, momentum
+        self.weight_decay, self.power = weight_decay, power
+        self.amp, self.checkpoint_every, self.progress = bool(amp), checkpoint_every, bool(progress)
+        self.rank, self.world_size = init_distributed()
+        self.log = RunLog(log_dir, log_name, self.rank)
+        self._generators: list = []      # the generators of the loader of the current (or last) phase
+        self._pending_loader_rng = None  # their state from a between-phase checkpoint, for the next phase
+
+    def autocast(self):
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def plan(self, loader, epochs, max_steps, epochs_name: str = "epochs") -> int:
+        return plan_steps(loader, epochs, max_steps, epochs_name, self.world_size)
+
+    def rng_state(self) -> dict:
+        """Every generator a step draws from: the global ones and the phase loader's own
+        (``DataLoader(generator=...)`` shuffles with it, not with the global RNG)."""
+        state = get_rng_state(self.device)
+        if self._generators:
+            state["loader"] = [g.get_state() for g in self._generators]
+        return state
+
+    def restore_rng(self, state: dict) -> None:
+        """Inverse of :meth:`rng_state`; a loader state waits for the next phase's loader."""
+        set_rng_state(state, self.device)
+        if "loader" in state:
+            if self._generators:
+                self._set_loader_rng(state["loader"])
+            else:
+                self._pending_loader_rng = state["loader"]
+
+    def _set_loader_rng(self, states) -> None:
+        if len(states) != len(self._generators):
+            raise ValueError(f"resume: the checkpoint holds {len(states)} loader generator state(s), the loader has "
+                             f"{len(self._generators)}; resume with a loader built like the original one")
+        for g, st in zip(self._generators, states):
+            g.set_state(st)
+
+    def run_phase(self, module: nn.Module, step_loss: Callable, loader, total: int, *, index: int = 0,
+                  desc: str = "train", tag: str = "train/loss", resume: Optional[PhaseState] = None,
+                  save: Optional[Callable[[PhaseState], None]] = None,
+                  on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> PhaseResult:
+        """Train the parameters of ``module`` that require grad for ``total`` steps.
+
+        ``step_loss(trainable, batch)`` returns ``(loss, terms)``; ``trainable`` is ``module``, or
+        its DDP wrapper under torchrun. ``index`` tells the phases of one run apart (sampler
+        epochs). ``resume`` continues a phase from a mid-phase :class:`PhaseState`; ``save`` is
+        called with one every ``checkpoint_every`` steps; ``on_step(step, loss)`` after each step.
+        """
+        trainable = wrap_ddp(module, self.device, self.world_size)
+        self._generators = _loader_generators(loader)
+        if self._pending_loader_rng is not None:
+            pending, self._pending_loader_rng = self._pending_loader_rng, None
+            self._set_loader_rng(pending)
+        params = [p for p in module.parameters() if p.requires_grad]
+        opt = make_optimizer(params, self.optimizer, self.lr, self.momentum, self.weight_decay)
+        sched = PolyLR(opt, total, self.power)
+        window = min(len(loader), total)
+        sums: dict = {}
+        start = 0
+        if resume is not None and resume.step is not None:
+            opt.load_state_dict(resume.optimizer)
+            sched.load_state_dict(resume.scheduler)
+            sums = {k: v.to(self.device) for k, v in resume.sums.items()}
+            start = resume.step
+        bar = tqdm(total=total, initial=start, desc=desc, disable=not self.progress or self.rank != 0, leave=False)
+        t0, images = time.perf_counter(), 0
+        for step, batch, epoch_rng in self._batches(loader, index, start, total, resume):
+            loss, terms = step_loss(trainable, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if step >= total - window:
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().double()
+            images += batch_len(batch)
+            done = step + 1
+            if on_step is not None:
+                on_step(step, loss)
+            if save is not None and self.checkpoint_every and done % self.checkpoint_every == 0 and done < total:
+                save(PhaseState(rng=self.rng_state(), step=done, total=total, epoch_rng=epoch_rng,
+                                optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                                sums=all_reduce_mean(sums, self.device, self.world_size)))
+            bar.update(1)
+            if done % 10 == 0 and (not bar.disable or self.log.tensorboard() is not None):
+                self._report(bar, tag, done, loss)  # .item() syncs: not every step
+        bar.close()
+        opt.zero_grad(set_to_none=True)  # the gradients are spent; don't keep their memory
+        sync_buffers(module, self.world_size)
+        sums = all_reduce_mean(sums, self.device, self.world_size)
+        return PhaseResult({k: float(v) / window for k, v in sums.items()}, time.perf_counter() - t0, images)
+
+    def _batches(self, loader, index, start, total, resume):
+        """Yield (step, batch, RNG state at the start of the epoch) from step ``start`` on.
+
+        Resuming mid-phase replays the epoch the checkpoint was written in: the generators (the
+        global ones and the loader's) are rewound to the epoch's start before the iterator draws
+        its shuffle, the done batches are skipped (a checkpoint after an epoch's last batch
+        replays that whole epoch: exhausting a loader draws from its generator too), then the
+        global generators of the checkpoint are restored. A resumed run then draws what an
+        uninterrupted one would have drawn.
+        """
+        per_epoch = len(loader)
+        step, epoch, skip = start, start // per_epoch, 0
+        if resume is not None and resume.step is not None and 0 < start < total:
+            epoch, skip = (start - 1) // per_epoch, (start - 1) % per_epoch + 1
+        while step < total:
+            if skip:
+                self.restore_rng(resume.epoch_rng)
+            epoch_rng = self.rng_state()
+            sampler = getattr(loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(index * 10_000 + epoch)
+            iterator = iter(loader)
+            for _ in range(skip):
+                next(iterator)
+            if skip:
+                set_rng_state(resume.rng, self.device)  # the loader's generators are where the replay left them
+                done_epoch, skip = skip == per_epoch, 0
+                if done_epoch:
+                    for _ in iterator:  # the end of the epoch, as the uninterrupted run reached it
+                        pass
+                    epoch += 1
+                    continue
+            yielded = False
+            for batch in iterator:
+                yielded = True
+                yield step, batch, epoch_rng
+                step += 1
+                if step >= total:
+                    return
+            if not yielded:  # len(loader) promised batches; never spin on an exhausted loader
+                raise RuntimeError(f"loader yielded no batch in epoch {epoch} although len(loader) = {per_epoch}")
+            epoch += 1
+
+    def _report(self, bar, tag, done, loss) -> None:
+        value = float(loss.detach())
+        if not bar.disable:
+            bar.set_postfix(loss=f"{value:.4g}")
+        self.log.scalar(tag, value, done)
+
+
+def _loader_generators(loader) -> list:
+    """The distinct torch.Generators a loader shuffles and seeds its workers with."""
+    found, seen = [], set()
+    sampler = getattr(loader, "sampler", None)
+    batch_sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    for owner in (loader, sampler, batch_sampler):
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator) and id(g) not in seen:
+            seen.add(id(g))
+            found.append(g)
+    return found
+
+
+def batch_len(batch) -> int:
+    """Images in a batch: a tensor, the first element of a tuple, or a dict's ``"image"``."""
+    if isinstance(batch, Mapping):
+        x = batch.get("image", next(iter(batch.values()), None))
+    elif isinstance(batch, (tuple, list)):
+        x = batch[0]
+    else:
+        x = batch
+    return int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() else 1
