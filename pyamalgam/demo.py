@@ -36,8 +36,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ._io import atomic_write
-from .amalgamation import Amalgamator, load_checkpoint, save_checkpoint
+from .amalgamation import Amalgamator
 from .amalgamation.branch import decoder_candidates
+from .engine import load_checkpoint, save_checkpoint
 from .metrics import DepthMetric, NormalMetric, SegmentationMetric
 from .models import count_parameters
 from .teachers import load_teacher, open_dataset, save_teacher, teacher_paths, train_teacher
@@ -65,10 +66,10 @@ class DemoConfig:
     unlabelled_size: int = 1200   # images the students learn from (labels never read)
     test_size: int = 200
     batch_size: int = 8
-    teacher_steps: int = 900
+    teacher_steps: int = 1200
     teacher_lr: float = 2e-3
     block_steps: int = 32         # per block of the block-wise amalgamation (Step 2)
-    finetune_steps: int = 400     # Step 4, the same for every fine-tuned TargetNet
+    finetune_steps: int = 1600    # Step 4, the same for every fine-tuned TargetNet
     finetune_variants: bool = False  # also fine-tune Decoder_b1..b5 (else: Steps 2-3 only)
     amalgam_lr: float = 3e-3
     amalgam_optimizer: str = "adam"
@@ -77,6 +78,7 @@ class DemoConfig:
     eval_batch: int = 16
     figure_samples: int = 3
     num_workers: int = 0          # DataLoader workers (rendering and training)
+    channels_last: bool = True    # teachers and students train in channels_last (faster on the CPU)
     data: str = "synthetic"
 
     def to_json(self) -> dict:
@@ -110,12 +112,12 @@ def demo_config(quick: bool = False, device="cpu", **overrides) -> DemoConfig:
     if gpu and quick:
         cfg = DemoConfig(resolution=(128, 160), width=1 / 4, train_size=512, unlabelled_size=1024, test_size=100,
                          batch_size=16, teacher_steps=1000, block_steps=60, finetune_steps=500, finetune_variants=True,
-                         num_workers=4)
+                         num_workers=4, channels_last=False)
     elif gpu:
         cfg = DemoConfig(resolution=(192, 256), width=1 / 2, num_bins=64, train_size=1000, unlabelled_size=4000,
                          test_size=200, batch_size=16, teacher_steps=3000, teacher_lr=1e-3, block_steps=250,
                          finetune_steps=2000, finetune_variants=True, amalgam_lr=1e-3, eval_batch=32,
-                         figure_samples=4, num_workers=min(8, os.cpu_count() or 1))
+                         figure_samples=4, num_workers=min(8, os.cpu_count() or 1), channels_last=False)
     elif quick:  # the README's command on a 2-core CPU: every stage, small images, few steps
         cfg = DemoConfig(resolution=(64, 64), num_bins=16, train_size=320, unlabelled_size=320, test_size=64,
                          teacher_steps=250, teacher_lr=3e-3, block_steps=10, finetune_steps=100, probe_images=16)
@@ -219,7 +221,7 @@ def _stage_data(cfg: DemoConfig, out: Path, seed: int, progress: bool):
 def _stage_teacher(task, cfg, train, data_key, out: Path, device, seed, progress):
     path = out / "teachers" / f"{task}.safetensors"
     key = _key("teacher", task, data_key, cfg.width, cfg.depth, cfg.num_bins, cfg.teacher_steps, cfg.teacher_lr,
-               cfg.batch_size, seed)
+               cfg.batch_size, cfg.channels_last, seed)
     weights, meta_path = teacher_paths(path)
     if meta_path.is_file() and weights.is_file():
         try:
@@ -228,7 +230,7 @@ def _stage_teacher(task, cfg, train, data_key, out: Path, device, seed, progress
         except Exception:
             pass
     net = train_teacher(task, train, steps=cfg.teacher_steps, batch_size=cfg.batch_size, lr=cfg.teacher_lr,
-                        width=cfg.width, depth=cfg.depth, num_bins=cfg.num_bins, device=device,
+                        width=cfg.width, depth=cfg.depth, num_bins=cfg.num_bins, channels_last=cfg.channels_last, device=device,
                         seed=seed + SEED_OFFSETS[f"teacher/{task}"], num_workers=cfg.num_workers, progress=progress,
                         data_name=f"{cfg.data} train ({len(train)} images, {cfg.resolution[0]}x{cfg.resolution[1]})")
     save_teacher(net, path, extra={"demo_key": key})
@@ -251,7 +253,7 @@ class _Amalgamation:
         self.dir = out / "stages" / name
         self.unlabelled = unlabelled
         self.key = _key("fit", name, upstream_key, cfg.block_steps, cfg.amalgam_lr, cfg.amalgam_optimizer,
-                        cfg.batch_size, cfg.probe_images, seed)
+                        cfg.batch_size, cfg.probe_images, cfg.channels_last, seed)
         self.key_file = self.dir / "key.json"
         state = _read_json(self.key_file)
         stale = state.get("key") != self.key
@@ -262,7 +264,7 @@ class _Amalgamation:
         self.cached = not stale and bool(state.get("fit_done"))
         torch.manual_seed(self.seed)  # the channel codings' initialisation is this stage's first draw
         self.am = Amalgamator(teachers, lr=cfg.amalgam_lr, optimizer=cfg.amalgam_optimizer, device=device,
-                              checkpoint_dir=self.dir, progress=progress, cache_targets=cfg.target_cache_mb * 2**20)
+                              channels_last=cfg.channels_last, checkpoint_dir=self.dir, progress=progress, cache_targets=cfg.target_cache_mb * 2**20)
         self.results: dict = {}
         self._warm = False
 
