@@ -166,7 +166,7 @@ class Amalgamator:
         """
         total = self.engine.plan(loader, epochs_per_block, max_steps_per_block, "epochs_per_block")
         probe = fixed_batches(loader, final_loss_images, final_loss_loader)
-        pending = self._resume(resume, phases=("blocks", "finetune", "done"))
+        pending = self._resume(resume, ("blocks", "finetune", "done"), loader)
         for n in range(1, self.num_blocks + 1):
             if n not in self.completed_blocks:
                 at = pending if pending is not None and pending.block == n else None
@@ -202,7 +202,7 @@ class Amalgamator:
         fine-tuning (its branch points are then reused). Returns :attr:`target_net`.
         """
         total = self.engine.plan(loader, epochs, max_steps, "epochs")
-        pending = self._resume(resume, phases=("finetune", "done"))
+        pending = self._resume(resume, ("finetune", "done"), loader)
         if self.target_net is None:
             raise RuntimeError("finetune() needs a TargetNet: call branch_out() first")
         if pending is None or pending.phase != "done":
@@ -383,7 +383,7 @@ class Amalgamator:
         }
         save_checkpoint(path, tensors, meta)
 
-    def _resume(self, resume, phases) -> Optional["_Pending"]:
+    def _resume(self, resume, phases, loader) -> Optional["_Pending"]:
         path = self._resume_path(resume)
         if path is None:
             return None
@@ -401,7 +401,7 @@ class Amalgamator:
         if meta["phase"] in ("finetune", "done"):
             self._restore_target(meta["branch_points"], _prefixed(tensors, "target/"))
         pending = _Pending(meta["phase"], meta["block"], PhaseState.from_meta(meta, tensors))
-        self.engine.restore_rng(pending.state.rng)
+        self.engine.restore_rng(pending.state.rng, loader)  # the loader of this call continues its shuffle
         return pending
 
     def _resume_path(self, resume) -> Optional[Path]:

@@ -148,8 +148,7 @@ class Engine:
         self.amp, self.checkpoint_every, self.progress = bool(amp), checkpoint_every, bool(progress)
         self.rank, self.world_size = init_distributed()
         self.log = RunLog(log_dir, log_name, self.rank)
-        self._generators: list = []      # the generators of the loader of the current (or last) phase
-        self._pending_loader_rng = None  # their state from a between-phase checkpoint, for the next phase
+        self._generators: list = []  # the generators of the loader of the current (or last) phase
 
     def autocast(self):
         if not self.amp:
@@ -167,20 +166,17 @@ class Engine:
             state["loader"] = [g.get_state() for g in self._generators]
         return state
 
-    def restore_rng(self, state: dict) -> None:
-        """Inverse of :meth:`rng_state`; a loader state waits for the next phase's loader."""
+    def restore_rng(self, state: dict, loader=None) -> None:
+        """Inverse of :meth:`rng_state`; the loader part goes to ``loader``'s generators (the
+        loader the state was taken from, or one built the same way), and is skipped without one."""
         set_rng_state(state, self.device)
-        if "loader" in state:
-            if self._generators:
-                self._set_loader_rng(state["loader"])
-            else:
-                self._pending_loader_rng = state["loader"]
-
-    def _set_loader_rng(self, states) -> None:
-        if len(states) != len(self._generators):
-            raise ValueError(f"resume: the checkpoint holds {len(states)} loader generator state(s), the loader has "
-                             f"{len(self._generators)}; resume with a loader built like the original one")
-        for g, st in zip(self._generators, states):
+        if loader is None or "loader" not in state:
+            return
+        generators = _loader_generators(loader)
+        if len(generators) != len(state["loader"]):
+            raise ValueError(f"resume: the checkpoint holds {len(state['loader'])} loader generator state(s), the "
+                             f"loader has {len(generators)}; resume with a loader built like the original one")
+        for g, st in zip(generators, state["loader"]):
             g.set_state(st)
 
     def run_phase(self, module: nn.Module, step_loss: Callable, loader, total: int, *, index: int = 0,
@@ -196,9 +192,6 @@ class Engine:
         """
         trainable = wrap_ddp(module, self.device, self.world_size)
         self._generators = _loader_generators(loader)
-        if self._pending_loader_rng is not None:
-            pending, self._pending_loader_rng = self._pending_loader_rng, None
-            self._set_loader_rng(pending)
         params = [p for p in module.parameters() if p.requires_grad]
         opt = make_optimizer(params, self.optimizer, self.lr, self.momentum, self.weight_decay)
         sched = PolyLR(opt, total, self.power)
@@ -254,7 +247,7 @@ class Engine:
             epoch, skip = (start - 1) // per_epoch, (start - 1) % per_epoch + 1
         while step < total:
             if skip:
-                self.restore_rng(resume.epoch_rng)
+                self.restore_rng(resume.epoch_rng, loader)
             epoch_rng = self.rng_state()
             sampler = getattr(loader, "sampler", None)
             if hasattr(sampler, "set_epoch"):

@@ -57,7 +57,7 @@ def test_a_phase_resumed_from_a_mid_phase_state_matches_an_uninterrupted_one(tmp
     net, loader, step_loss = _setup(seed=5)  # other initial weights: the checkpoint overrides them
     net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net/")})
     engine = Engine(device="cpu", optimizer=optimizer, lr=0.05, progress=False)  # as in a new process
-    engine.restore_rng(state.rng)
+    engine.restore_rng(state.rng, loader)
     resumed = engine.run_phase(net, step_loss, loader, total, resume=state)
     for k, v in net.state_dict().items():
         assert torch.equal(v, want[k]), k
@@ -135,7 +135,7 @@ def test_a_run_resumed_between_two_phases_continues_the_loaders_shuffle():
     net, loader, step_loss = _setup(seed=5)  # a new process: fresh loader generator, other weights
     net.load_state_dict(between[0])
     engine = Engine(device="cpu", lr=0.05, progress=False)
-    engine.restore_rng(between[1])
+    engine.restore_rng(between[1], loader)
     engine.run_phase(net, step_loss, loader, 13, index=2)
     for k, v in net.state_dict().items():
         assert torch.equal(v, want[k]), k
