@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -189,14 +188,13 @@ def train_teacher(
         if callback is not None:
             callback(step, value)
 
-    t0 = time.perf_counter()
-    engine.run_phase(net, step_loss, loader, steps, desc=f"teacher {task}", tag=f"teacher/{task}/loss", on_step=on_step)
+    run = engine.run_phase(net, step_loss, loader, steps, desc=f"teacher {task}", tag=f"teacher/{task}/loss", on_step=on_step)
     net.to(memory_format=torch.contiguous_format).eval()
     window = max(1, min(len(losses) // 10, 50))
     net.train_record = {
         "steps": steps, "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "weight_decay": weight_decay,
         "power": power, "flip": flip, "channels_last": bool(channels_last), "seed": seed, "data": data_name or repr(dataset),
-        "seconds": round(time.perf_counter() - t0, 3), "loss_first": losses[0],
+        "seconds": round(run.seconds, 3), "loss_first": losses[0],
         "loss_final": sum(losses[-window:]) / window, "losses": losses,
         "parameters": count_parameters(net),
     }
