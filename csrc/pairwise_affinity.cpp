@@ -1,6 +1,7 @@
 // Full-graph pair-wise distillation loss (thesis §3.3.1, Eq. 3.2, alpha = all nodes), exact and
-// linear in the number of nodes N. Device-generic: built from ATen calls, registered for CPU
-// (and CUDA when compiled), so both backends share one algorithm.
+// linear in the number of nodes N. Device-generic: built from ATen calls, so both backends share
+// one algorithm; what differs per backend is the node kernels (pairwise_affinity.h), and each
+// backend registers its own entry points with them (CPU: the fused passes; CUDA: ATen).
 //
 // With S (N x Cs) and T (N x Ct) the L2-normalised node features, the loss of an image is
 // ||S S^T - T T^T||_F^2 / N^2. Expanding it into Gram matrices, ||S^T S||^2 - 2 ||S^T T||^2 +
@@ -21,13 +22,15 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "common.h"
 #include "pairwise_affinity.h"
 
 namespace pyamalgam {
 namespace {
 
-// Generic (any device) versions of the node kernels in pairwise_affinity.h, built from ATen.
+// Generic (any device) versions of the node kernels in pairwise_affinity.h, built from ATen; the
+// CUDA entry points use them (compiled in every build, so a CPU-only build still checks them).
 std::pair<at::Tensor, at::Tensor> normalized_nodes_aten(const at::Tensor& f, int64_t patch) {
   auto x = f.to(at::kDouble);
   if (patch > 1) {
@@ -55,15 +58,12 @@ at::Tensor normalized_nodes_backward_aten(const at::Tensor& g_hat, const at::Ten
   return out;
 }
 
-std::pair<at::Tensor, at::Tensor> normalized_nodes(const at::Tensor& f, int64_t patch) {
-  return f.is_cpu() ? normalized_nodes_cpu(f, patch) : normalized_nodes_aten(f, patch);
-}
-
-at::Tensor normalized_nodes_backward(const at::Tensor& g_hat, const at::Tensor& hat, const at::Tensor& inv,
-                                     const at::Tensor& f, int64_t patch) {
-  return f.is_cpu() ? normalized_nodes_backward_cpu(g_hat, hat, inv, f, patch)
-                    : normalized_nodes_backward_aten(g_hat, hat, inv, f, patch);
-}
+// The node kernels of one backend.
+struct NodeKernels {
+  std::pair<at::Tensor, at::Tensor> (*nodes)(const at::Tensor& f, int64_t patch);
+  at::Tensor (*nodes_backward)(const at::Tensor& g_hat, const at::Tensor& hat, const at::Tensor& inv,
+                               const at::Tensor& f, int64_t patch);
+};
 
 struct Aligned {
   at::Tensor q;          // (B, Ca, Cb), orthonormal rows
@@ -94,17 +94,18 @@ struct Sides {
   at::ScalarType gram_dtype;
 };
 
-Sides prepare(const at::Tensor& fs, const at::Tensor& ft, int64_t patch) {
+Sides prepare(const at::Tensor& fs, const at::Tensor& ft, int64_t patch, const NodeKernels& k) {
   Sides r;
-  std::tie(r.s_hat, r.s_inv) = normalized_nodes(fs, patch);
-  std::tie(r.t_hat, r.t_inv) = normalized_nodes(ft, patch);
+  std::tie(r.s_hat, r.s_inv) = k.nodes(fs, patch);
+  std::tie(r.t_hat, r.t_inv) = k.nodes(ft, patch);
   r.student_is_b = fs.size(1) >= ft.size(1);
   r.gram_dtype = fs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return r;
 }
 
-at::Tensor pairwise_affinity_loss_impl(const at::Tensor& fs, const at::Tensor& ft, int64_t patch) {
-  const auto sd = prepare(fs, ft, patch);
+at::Tensor pairwise_loss(const at::Tensor& fs, const at::Tensor& ft, int64_t patch, const NodeKernels& k) {
+  check_pairwise_affinity_loss(fs, ft, patch);
+  const auto sd = prepare(fs, ft, patch, k);
   const auto& a = sd.student_is_b ? sd.t_hat : sd.s_hat;
   const auto& b = sd.student_is_b ? sd.s_hat : sd.t_hat;
   const auto r = align(a, b, sd.gram_dtype);
@@ -118,10 +119,10 @@ at::Tensor pairwise_affinity_loss_impl(const at::Tensor& fs, const at::Tensor& f
 // like the forward, they are formed from small quantities:
 //   4 M B  = P (G1 + Gdd) + D (Gpp + G1^T),   4 M A' = P (G1 - Gdd) + D (Gpp - G1^T).
 // Q is held fixed: the loss is the same for every Q with orthonormal rows.
-std::tuple<at::Tensor, at::Tensor> pairwise_affinity_loss_backward_impl(const at::Tensor& grad,
-                                                                        const at::Tensor& fs,
-                                                                        const at::Tensor& ft, int64_t patch) {
-  const auto sd = prepare(fs, ft, patch);
+std::tuple<at::Tensor, at::Tensor> pairwise_loss_backward(const at::Tensor& grad, const at::Tensor& fs,
+                                                          const at::Tensor& ft, int64_t patch, const NodeKernels& k) {
+  check_pairwise_affinity_loss_backward(grad, fs, ft, patch);
+  const auto sd = prepare(fs, ft, patch, k);
   const auto& a = sd.student_is_b ? sd.t_hat : sd.s_hat;
   const auto& b = sd.student_is_b ? sd.s_hat : sd.t_hat;
   const auto r = align(a, b, sd.gram_dtype);
@@ -132,22 +133,48 @@ std::tuple<at::Tensor, at::Tensor> pairwise_affinity_loss_backward_impl(const at
   auto g_a = at::bmm(at::bmm(r.p, r.g1 - r.gdd) + at::bmm(r.d, r.gpp - g1t), r.q.transpose(1, 2).to(sd.gram_dtype)) * (-scale);
   auto g_s_hat = sd.student_is_b ? g_b : g_a;
   auto g_t_hat = sd.student_is_b ? g_a : g_b;
-  auto g_s = normalized_nodes_backward(g_s_hat, sd.s_hat, sd.s_inv, fs, patch);
-  auto g_t = normalized_nodes_backward(g_t_hat, sd.t_hat, sd.t_inv, ft, patch);
+  auto g_s = k.nodes_backward(g_s_hat, sd.s_hat, sd.s_inv, fs, patch);
+  auto g_t = k.nodes_backward(g_t_hat, sd.t_hat, sd.t_inv, ft, patch);
   return {g_s, g_t};
 }
+
+// One entry point per backend, registered for its dispatch key: the dispatcher picks the node
+// kernels, no run-time test of the device.
+constexpr NodeKernels kCpuNodes{&normalized_nodes_cpu, &normalized_nodes_backward_cpu};
+
+at::Tensor pairwise_affinity_loss_cpu(const at::Tensor& fs, const at::Tensor& ft, int64_t patch) {
+  return pairwise_loss(fs, ft, patch, kCpuNodes);
+}
+
+std::tuple<at::Tensor, at::Tensor> pairwise_affinity_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& fs,
+                                                                       const at::Tensor& ft, int64_t patch) {
+  return pairwise_loss_backward(grad, fs, ft, patch, kCpuNodes);
+}
+
+#ifdef PYAMALGAM_WITH_CUDA
+constexpr NodeKernels kAtenNodes{&normalized_nodes_aten, &normalized_nodes_backward_aten};
+
+at::Tensor pairwise_affinity_loss_cuda(const at::Tensor& fs, const at::Tensor& ft, int64_t patch) {
+  return pairwise_loss(fs, ft, patch, kAtenNodes);
+}
+
+std::tuple<at::Tensor, at::Tensor> pairwise_affinity_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& fs,
+                                                                        const at::Tensor& ft, int64_t patch) {
+  return pairwise_loss_backward(grad, fs, ft, patch, kAtenNodes);
+}
+#endif
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyamalgam, CPU, m) {
-  m.impl("pairwise_affinity_loss", &pairwise_affinity_loss_impl);
-  m.impl("pairwise_affinity_loss_backward", &pairwise_affinity_loss_backward_impl);
+  m.impl("pairwise_affinity_loss", &pairwise_affinity_loss_cpu);
+  m.impl("pairwise_affinity_loss_backward", &pairwise_affinity_loss_backward_cpu);
 }
 
 #ifdef PYAMALGAM_WITH_CUDA
 TORCH_LIBRARY_IMPL(pyamalgam, CUDA, m) {
-  m.impl("pairwise_affinity_loss", &pairwise_affinity_loss_impl);
-  m.impl("pairwise_affinity_loss_backward", &pairwise_affinity_loss_backward_impl);
+  m.impl("pairwise_affinity_loss", &pairwise_affinity_loss_cuda);
+  m.impl("pairwise_affinity_loss_backward", &pairwise_affinity_loss_backward_cuda);
 }
 #endif
 

@@ -1,4 +1,5 @@
-// Registers the CPU kernels of the instruction set this CPU runs (csrc/cpu/kernels.h).
+// Registers the CPU kernels of the instruction set this CPU runs (csrc/cpu/kernels.h), behind the
+// argument checks every backend shares (csrc/checks.h).
 //
 // The choice is made once, when the module loads, and follows ATen's own (at::get_cpu_capability,
 // which honours ATEN_CPU_CAPABILITY): our kernels then use the same vector width as the ATen ops
@@ -8,6 +9,7 @@
 
 #include <string>
 
+#include "checks.h"
 #include "cpu/dispatch.h"
 #include "cpu/kernels.h"
 #include "pairwise_affinity.h"
@@ -62,13 +64,63 @@ at::Tensor normalized_nodes_backward_cpu(const at::Tensor& grad_hat, const at::T
   return kernel(grad_hat, hat, inv, f, patch);
 }
 
+namespace {
+
+// The registered CPU entry points: the shared argument checks (csrc/checks.h), then the kernel of
+// the chosen instruction set. The checks live here, in baseline code, not in the kernel files,
+// which are compiled once per instruction set.
+at::Tensor channel_coding(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                          const at::Tensor& b2) {
+  check_channel_coding(x, w1, b1, w2, b2);
+  static const auto kernel = PYAMALGAM_CPU_KERNEL(channel_coding);
+  return kernel(x, w1, b1, w2, b2);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_coding_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+    const at::Tensor& b2) {
+  check_channel_coding_backward(grad, x, w1, b1, w2, b2);
+  static const auto kernel = PYAMALGAM_CPU_KERNEL(channel_coding_backward);
+  return kernel(grad, x, w1, b1, w2, b2);
+}
+
+at::Tensor soft_argmax_depth(const at::Tensor& logits, double bin_size) {
+  check_soft_argmax_depth(logits, bin_size);
+  static const auto kernel = PYAMALGAM_CPU_KERNEL(soft_argmax_depth);
+  return kernel(logits, bin_size);
+}
+
+at::Tensor soft_argmax_depth_backward(const at::Tensor& grad, const at::Tensor& logits, double bin_size) {
+  check_soft_argmax_depth_backward(grad, logits, bin_size);
+  static const auto kernel = PYAMALGAM_CPU_KERNEL(soft_argmax_depth_backward);
+  return kernel(grad, logits, bin_size);
+}
+
+at::Tensor si_depth_loss(const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& mask) {
+  check_si_depth_loss(pred, target, mask);
+  static const auto kernel = PYAMALGAM_CPU_KERNEL(si_depth_loss);
+  return kernel(pred, target, mask);
+}
+
+std::tuple<at::Tensor, at::Tensor> si_depth_loss_backward(const at::Tensor& grad, const at::Tensor& pred,
+                                                          const at::Tensor& target,
+                                                          const std::optional<at::Tensor>& mask) {
+  check_si_depth_loss_backward(grad, pred, target, mask);
+  static const auto kernel = PYAMALGAM_CPU_KERNEL(si_depth_loss_backward);
+  return kernel(grad, pred, target, mask);
+}
+
+}  // namespace
+
+// The pair-wise loss registers its CPU implementation in csrc/pairwise_affinity.cpp.
 TORCH_LIBRARY_IMPL(pyamalgam, CPU, m) {
-  m.impl("channel_coding", PYAMALGAM_CPU_KERNEL(channel_coding));
-  m.impl("channel_coding_backward", PYAMALGAM_CPU_KERNEL(channel_coding_backward));
-  m.impl("soft_argmax_depth", PYAMALGAM_CPU_KERNEL(soft_argmax_depth));
-  m.impl("soft_argmax_depth_backward", PYAMALGAM_CPU_KERNEL(soft_argmax_depth_backward));
-  m.impl("si_depth_loss", PYAMALGAM_CPU_KERNEL(si_depth_loss));
-  m.impl("si_depth_loss_backward", PYAMALGAM_CPU_KERNEL(si_depth_loss_backward));
+  cpu::use_avx2();  // the kernels' first calls read this choice: make it now, when the module loads
+  m.impl("channel_coding", &channel_coding);
+  m.impl("channel_coding_backward", &channel_coding_backward);
+  m.impl("soft_argmax_depth", &soft_argmax_depth);
+  m.impl("soft_argmax_depth_backward", &soft_argmax_depth_backward);
+  m.impl("si_depth_loss", &si_depth_loss);
+  m.impl("si_depth_loss_backward", &si_depth_loss_backward);
 }
 
 }  // namespace pyamalgam

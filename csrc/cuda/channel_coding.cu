@@ -28,6 +28,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "checks.h"
 #include "common.h"
 #include "cuda/common.cuh"
 
@@ -445,27 +446,18 @@ struct Prepared {
   Shape sh;
 };
 
+// The arguments passed check_channel_coding (csrc/checks.h): shapes agree, and the weights have
+// x's dtype and device.
 Prepared prepare(const at::Tensor& x_in, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                  const at::Tensor& b2) {
-  TORCH_CHECK(x_in.dim() == 4, "channel_coding: x must be (B, C, H, W), got ", x_in.sizes());
-  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == x_in.size(1), "channel_coding: w1 must be (R, C), got ", w1.sizes());
   const int64_t R = w1.size(0), C = x_in.size(1);
-  TORCH_CHECK(b1.dim() == 1 && b1.size(0) == R, "channel_coding: b1 must be (R,), got ", b1.sizes());
-  TORCH_CHECK(w2.dim() == 2 && w2.size(0) == C && w2.size(1) == R, "channel_coding: w2 must be (C, R), got ",
-              w2.sizes());
-  TORCH_CHECK(b2.dim() == 1 && b2.size(0) == C, "channel_coding: b2 must be (C,), got ", b2.sizes());
-  for (const at::Tensor* t : {&w1, &b1, &w2, &b2}) {
-    TORCH_CHECK(t->device() == x_in.device(), "channel_coding: all tensors must be on ", x_in.device());
-  }
   Prepared p;
   p.format = dense_format(x_in);
   p.x = x_in.contiguous(p.format);
-  const auto dt = p.x.scalar_type();
-  // The kernels read the weights in x's dtype (the Python API requires that anyway).
-  p.w1 = w1.to(dt).contiguous();
-  p.b1 = b1.to(dt).contiguous();
-  p.w2 = w2.to(dt).contiguous();
-  p.b2 = b2.to(dt).contiguous();
+  p.w1 = w1.contiguous();
+  p.b1 = b1.contiguous();
+  p.w2 = w2.contiguous();
+  p.b2 = b2.contiguous();
   p.sh = {p.x.size(0), C, p.x.size(2) * p.x.size(3), R, p.format == c10::MemoryFormat::ChannelsLast};
   return p;
 }
@@ -482,6 +474,7 @@ bool can_vectorise(const Shape& sh, int vec, std::initializer_list<const void*> 
 
 at::Tensor channel_coding_cuda(const at::Tensor& x_in, const at::Tensor& w1_in, const at::Tensor& b1_in,
                                const at::Tensor& w2_in, const at::Tensor& b2_in) {
+  check_channel_coding(x_in, w1_in, b1_in, w2_in, b2_in);
   c10::cuda::CUDAGuard guard(x_in.device());
   const auto p = prepare(x_in, w1_in, b1_in, w2_in, b2_in);
   const auto& sh = p.sh;
@@ -525,22 +518,17 @@ at::Tensor channel_coding_cuda(const at::Tensor& x_in, const at::Tensor& w1_in, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_coding_backward_cuda(
     const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& w1_in, const at::Tensor& b1_in,
     const at::Tensor& w2_in, const at::Tensor& b2_in) {
+  check_channel_coding_backward(grad_in, x_in, w1_in, b1_in, w2_in, b2_in);
   c10::cuda::CUDAGuard guard(x_in.device());
   const auto p = prepare(x_in, w1_in, b1_in, w2_in, b2_in);
   const auto& sh = p.sh;
-  TORCH_CHECK(grad_in.sizes() == x_in.sizes(), "channel_coding_backward: grad must have x's shape ", x_in.sizes(),
-              ", got ", grad_in.sizes());
-  TORCH_CHECK(grad_in.device() == x_in.device(), "channel_coding_backward: grad must be on ", x_in.device());
   const auto grad = grad_in.to(p.x.scalar_type()).contiguous(p.format);
   auto grad_x = at::empty(p.x.sizes(), p.x.options().memory_format(p.format));
   auto gw1 = at::empty(p.w1.sizes(), p.w1.options());
   auto gb1 = at::empty(p.b1.sizes(), p.b1.options());
   auto gw2 = at::empty(p.w2.sizes(), p.w2.options());
   auto gb2 = at::empty(p.b2.sizes(), p.b2.options());
-  auto finish = [&] {
-    return std::make_tuple(grad_x, gw1.to(w1_in.scalar_type()), gb1.to(b1_in.scalar_type()),
-                           gw2.to(w2_in.scalar_type()), gb2.to(b2_in.scalar_type()));
-  };
+  auto finish = [&] { return std::make_tuple(grad_x, gw1, gb1, gw2, gb2); };
   if (sh.B * sh.C == 0) {  // no plane: the weight gradients are empty sums
     gw1.zero_();
     gb1.zero_();

@@ -30,6 +30,7 @@
 #include <optional>
 #include <type_traits>
 
+#include "checks.h"
 #include "cuda/common.cuh"
 
 namespace pyamalgam {
@@ -202,22 +203,14 @@ struct Flat {
   int64_t B, P;
 };
 
+// The arguments passed check_si_depth_loss (csrc/checks.h): same shapes, dtypes and device.
 Flat flatten(const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& mask) {
-  TORCH_CHECK(pred.dim() >= 1, "si_depth_loss: pred must have a batch dimension");
-  TORCH_CHECK(target.sizes() == pred.sizes(), "si_depth_loss: target must have pred's shape ", pred.sizes(),
-              ", got ", target.sizes());
-  TORCH_CHECK(target.device() == pred.device(), "si_depth_loss: target must be on ", pred.device());
-  TORCH_CHECK(target.scalar_type() == pred.scalar_type(), "si_depth_loss: target must have pred's dtype");
   Flat f;
   f.B = pred.size(0);
   f.pred = pred.reshape({f.B, -1}).contiguous();
   f.target = target.reshape({f.B, -1}).contiguous();
   f.P = f.pred.size(1);
   if (mask.has_value() && mask->defined()) {
-    TORCH_CHECK(mask->sizes() == pred.sizes(), "si_depth_loss: mask must have pred's shape ", pred.sizes(), ", got ",
-                mask->sizes());
-    TORCH_CHECK(mask->scalar_type() == at::kBool, "si_depth_loss: mask must be bool");
-    TORCH_CHECK(mask->device() == pred.device(), "si_depth_loss: mask must be on ", pred.device());
     f.mask = mask->reshape({f.B, -1}).contiguous();
   }
   return f;
@@ -269,6 +262,7 @@ void launch_moments(const Flat& f, const Plan& pl, double* part, cudaStream_t st
 
 at::Tensor si_depth_loss_cuda(const at::Tensor& pred_in, const at::Tensor& target_in,
                               const std::optional<at::Tensor>& mask_in) {
+  check_si_depth_loss(pred_in, target_in, mask_in);
   c10::cuda::CUDAGuard guard(pred_in.device());
   const auto f = flatten(pred_in, target_in, mask_in);
   auto out = at::empty({}, f.pred.options());
@@ -288,10 +282,9 @@ at::Tensor si_depth_loss_cuda(const at::Tensor& pred_in, const at::Tensor& targe
 std::tuple<at::Tensor, at::Tensor> si_depth_loss_backward_cuda(const at::Tensor& grad_in, const at::Tensor& pred_in,
                                                                const at::Tensor& target_in,
                                                                const std::optional<at::Tensor>& mask_in) {
+  check_si_depth_loss_backward(grad_in, pred_in, target_in, mask_in);
   c10::cuda::CUDAGuard guard(pred_in.device());
   const auto f = flatten(pred_in, target_in, mask_in);
-  TORCH_CHECK(grad_in.numel() == 1, "si_depth_loss_backward: grad must have one element, got ", grad_in.sizes());
-  TORCH_CHECK(grad_in.device() == pred_in.device(), "si_depth_loss_backward: grad must be on ", pred_in.device());
   auto grad_pred = at::empty({f.B, f.P}, f.pred.options());
   auto grad_target = at::empty({f.B, f.P}, f.pred.options());
   auto shaped = [&] { return std::make_tuple(grad_pred.view(pred_in.sizes()), grad_target.view(target_in.sizes())); };

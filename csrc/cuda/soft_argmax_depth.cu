@@ -27,6 +27,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "checks.h"
 #include "common.h"
 #include "cuda/common.cuh"
 
@@ -309,7 +310,7 @@ int pick_vec(int64_t row, std::initializer_list<const void*> ptrs, int max_bytes
 }
 
 at::Tensor soft_argmax_depth_cuda(const at::Tensor& logits_in, double bin_size) {
-  TORCH_CHECK(logits_in.dim() == 4, "soft_argmax_depth: logits must be (B, N_d, H, W), got ", logits_in.sizes());
+  check_soft_argmax_depth(logits_in, bin_size);
   c10::cuda::CUDAGuard guard(logits_in.device());
   const auto format = dense_format(logits_in);
   const auto logits = logits_in.contiguous(format);
@@ -342,13 +343,7 @@ at::Tensor soft_argmax_depth_cuda(const at::Tensor& logits_in, double bin_size) 
 }
 
 at::Tensor soft_argmax_depth_backward_cuda(const at::Tensor& grad_in, const at::Tensor& logits_in, double bin_size) {
-  TORCH_CHECK(logits_in.dim() == 4, "soft_argmax_depth_backward: logits must be (B, N_d, H, W), got ",
-              logits_in.sizes());
-  TORCH_CHECK(grad_in.dim() == 3 && grad_in.size(0) == logits_in.size(0) && grad_in.size(1) == logits_in.size(2) &&
-                  grad_in.size(2) == logits_in.size(3),
-              "soft_argmax_depth_backward: grad must be (B, H, W), got ", grad_in.sizes());
-  TORCH_CHECK(grad_in.device() == logits_in.device(), "soft_argmax_depth_backward: grad must be on ",
-              logits_in.device());
+  check_soft_argmax_depth_backward(grad_in, logits_in, bin_size);
   c10::cuda::CUDAGuard guard(logits_in.device());
   const auto format = dense_format(logits_in);
   const auto logits = logits_in.contiguous(format);

@@ -1,6 +1,7 @@
 """Fused operators of the method, as PyTorch custom operators (``torch.ops.pyamalgam.*``).
 
-Each has a plain-PyTorch twin with the same signature in :mod:`pyamalgam.ops.reference`.
+Each has a plain-PyTorch twin with the same signature in :mod:`pyamalgam.ops.reference`, the
+float64 ground truth the tests compare against.
 """
 from .. import _extension  # noqa: F401  (loads the kernels and checks the torch version)
 from . import reference

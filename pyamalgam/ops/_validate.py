@@ -1,11 +1,9 @@
 """Argument checks shared by the operators: errors name the argument and what was expected."""
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .._checks import check_int
+from .._checks import check_float, check_int
 from .._extension import has_cuda_kernels
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -47,11 +45,7 @@ def dims(name: str, t: torch.Tensor, expected: tuple, what: str) -> None:
 
 
 def positive_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
+    return check_float(name, value, positive=True)
 
 
 def positive_int(name: str, value) -> int:

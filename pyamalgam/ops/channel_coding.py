@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _meta_checks as checks
 from . import _validate as v
 
 __all__ = ["channel_coding"]
@@ -32,12 +33,14 @@ def channel_coding(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torc
 
 
 @torch.library.register_fake("pyamalgam::channel_coding")
-def _(x, w1, b1, w2, b2):
+def _channel_coding_fake(x, w1, b1, w2, b2):
+    checks.channel_coding(x, w1, b1, w2, b2)
     return torch.empty_like(x, memory_format=v.dense_format(x))
 
 
 @torch.library.register_fake("pyamalgam::channel_coding_backward")
-def _(grad, x, w1, b1, w2, b2):
+def _channel_coding_backward_fake(grad, x, w1, b1, w2, b2):
+    checks.channel_coding(x, w1, b1, w2, b2, grad=grad)
     return (
         torch.empty_like(x, memory_format=v.dense_format(x)),
         torch.empty_like(w1, memory_format=torch.contiguous_format),
@@ -47,12 +50,14 @@ def _(grad, x, w1, b1, w2, b2):
     )
 
 
-def _setup_context(ctx, inputs, output):
+def _channel_coding_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _backward(ctx, grad):
+def _channel_coding_backward(ctx, grad):
     return torch.ops.pyamalgam.channel_coding_backward.default(grad, *ctx.saved_tensors)
 
 
-torch.library.register_autograd("pyamalgam::channel_coding", _backward, setup_context=_setup_context)
+torch.library.register_autograd(
+    "pyamalgam::channel_coding", _channel_coding_backward, setup_context=_channel_coding_setup_context
+)

@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 
+from . import _meta_checks as checks
 from . import _validate as v
 
 __all__ = ["soft_argmax_depth", "si_depth_loss"]
@@ -29,29 +30,31 @@ def soft_argmax_depth(logits: torch.Tensor, bin_size: float) -> torch.Tensor:
 
 
 @torch.library.register_fake("pyamalgam::soft_argmax_depth")
-def _(logits, bin_size):
+def _soft_argmax_depth_fake(logits, bin_size):
+    checks.soft_argmax_depth(logits, bin_size)
     b, _, h, w = logits.shape
     return logits.new_empty((b, h, w))
 
 
 @torch.library.register_fake("pyamalgam::soft_argmax_depth_backward")
-def _(grad, logits, bin_size):
+def _soft_argmax_depth_backward_fake(grad, logits, bin_size):
+    checks.soft_argmax_depth(logits, bin_size, grad=grad)
     return torch.empty_like(logits, memory_format=v.dense_format(logits))
 
 
-def _soft_argmax_setup(ctx, inputs, output):
+def _soft_argmax_depth_setup_context(ctx, inputs, output):
     logits, bin_size = inputs
     ctx.save_for_backward(logits)
     ctx.bin_size = bin_size
 
 
-def _soft_argmax_backward(ctx, grad):
+def _soft_argmax_depth_backward(ctx, grad):
     (logits,) = ctx.saved_tensors
     return torch.ops.pyamalgam.soft_argmax_depth_backward.default(grad, logits, ctx.bin_size), None
 
 
 torch.library.register_autograd(
-    "pyamalgam::soft_argmax_depth", _soft_argmax_backward, setup_context=_soft_argmax_setup
+    "pyamalgam::soft_argmax_depth", _soft_argmax_depth_backward, setup_context=_soft_argmax_depth_setup_context
 )
 
 
@@ -87,25 +90,29 @@ def si_depth_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch
 
 
 @torch.library.register_fake("pyamalgam::si_depth_loss")
-def _(pred, target, mask):
+def _si_depth_loss_fake(pred, target, mask):
+    checks.si_depth_loss(pred, target, mask)
     return pred.new_empty(())
 
 
 @torch.library.register_fake("pyamalgam::si_depth_loss_backward")
-def _(grad, pred, target, mask):
+def _si_depth_loss_backward_fake(grad, pred, target, mask):
+    checks.si_depth_loss(pred, target, mask, grad=grad)
     return torch.empty_like(pred, memory_format=torch.contiguous_format), torch.empty_like(
         target, memory_format=torch.contiguous_format
     )
 
 
-def _si_setup(ctx, inputs, output):
+def _si_depth_loss_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:2], inputs[2])
 
 
-def _si_backward(ctx, grad):
+def _si_depth_loss_backward(ctx, grad):
     pred, target, mask = ctx.saved_tensors
     grad_pred, grad_target = torch.ops.pyamalgam.si_depth_loss_backward.default(grad, pred, target, mask)
     return grad_pred, grad_target, None
 
 
-torch.library.register_autograd("pyamalgam::si_depth_loss", _si_backward, setup_context=_si_setup)
+torch.library.register_autograd(
+    "pyamalgam::si_depth_loss", _si_depth_loss_backward, setup_context=_si_depth_loss_setup_context
+)

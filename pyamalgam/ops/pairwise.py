@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _meta_checks as checks
 from . import _validate as v
 
 __all__ = ["pairwise_affinity_loss"]
@@ -39,28 +40,34 @@ def pairwise_affinity_loss(fs: torch.Tensor, ft: torch.Tensor, patch: int = 1) -
 
 
 @torch.library.register_fake("pyamalgam::pairwise_affinity_loss")
-def _(fs, ft, patch):
+def _pairwise_affinity_loss_fake(fs, ft, patch):
+    checks.pairwise_affinity_loss(fs, ft, patch)
     return fs.new_empty(())
 
 
 @torch.library.register_fake("pyamalgam::pairwise_affinity_loss_backward")
-def _(grad, fs, ft, patch):
+def _pairwise_affinity_loss_backward_fake(grad, fs, ft, patch):
+    checks.pairwise_affinity_loss(fs, ft, patch, grad=grad)
     return (
         torch.empty_like(fs, memory_format=v.dense_format(fs)),
         torch.empty_like(ft, memory_format=v.dense_format(ft)),
     )
 
 
-def _setup(ctx, inputs, output):
+def _pairwise_affinity_loss_setup_context(ctx, inputs, output):
     fs, ft, patch = inputs
     ctx.save_for_backward(fs, ft)
     ctx.patch = patch
 
 
-def _backward(ctx, grad):
+def _pairwise_affinity_loss_backward(ctx, grad):
     fs, ft = ctx.saved_tensors
     grad_s, grad_t = torch.ops.pyamalgam.pairwise_affinity_loss_backward.default(grad, fs, ft, ctx.patch)
     return grad_s, grad_t, None
 
 
-torch.library.register_autograd("pyamalgam::pairwise_affinity_loss", _backward, setup_context=_setup)
+torch.library.register_autograd(
+    "pyamalgam::pairwise_affinity_loss",
+    _pairwise_affinity_loss_backward,
+    setup_context=_pairwise_affinity_loss_setup_context,
+)

@@ -2,8 +2,10 @@
 
 Each function has the signature and semantics of its fused twin in :mod:`pyamalgam.ops`.
 They materialise every intermediate (the pair-wise one builds both N x N affinity
-matrices), so they are the independent ground truth of the tests and the export fallback,
-not something to train with.
+matrices) and, given float64 inputs, are the independent float64 ground truth that the tests,
+``pyamalgam selfcheck`` and the benchmarks compare the fused operators against. Nothing
+dispatches to them (they are no fallback of the fused operators), and they are not something
+to train with.
 """
 from __future__ import annotations
 
