@@ -13,7 +13,6 @@ or a tensor): the teachers' own predictions are the supervision.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -21,17 +20,19 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..engine import Engine, PhaseState, PolyLR, TargetCache, load_checkpoint, module_device, save_checkpoint
+from .._checks import as_int, as_real
+from ..engine import Engine, PolyLR, TargetCache, module_device
+from ..engine.loop import batch_images
 from ..models.protocol import check_input, count_parameters
 from ..nn import ChannelCoding
 from .blockwise import BlockStep, feature_losses, frozen_pass, prediction_losses, weighted_sum
-from .branch import as_outputs, assemble_target_net, select_branch_points
+from .branch import as_outputs, assemble_target_net, select_branch_points, teacher_losses
+from .checkpoints import resume_run, save_run
 from .setup import (check_choice, check_hparams, check_teachers, fixed_batches, make_student, resolve_outputs,
                     resolve_weights, validate_blocks)
 
 __all__ = ["Amalgamator", "PolyLR"]
 
-CHECKPOINT_NAME = "last.safetensors"
 LOG_NAME = "amalgamation.jsonl"
 _OBJECTIVES = {"prediction": "prediction", "eq6": "prediction", "feature": "feature", "eq5": "feature"}
 _fixed_batches = fixed_batches  # the name the tests of Eq. 7's probe use
@@ -41,12 +42,13 @@ class Amalgamator:
     """Amalgamates K frozen single-task teachers into one multi-task TargetNet, without labels.
 
     Args:
-        teachers: name -> teacher in the block protocol (:class:`pyamalgam.models.BlockNet`, or a
-            trained :class:`TargetNet` for the online scheme of Eq. 9). All must have the same
-            number of blocks and the same block feature shapes. They are put in eval mode and
-            their parameters get ``requires_grad=False``.
+        teachers: name -> teacher, a :class:`pyamalgam.models.BlockNetwork` (e.g. ``segnet_vgg``,
+            any :class:`~pyamalgam.models.SequentialBlockNet`, or a trained :class:`TargetNet` for
+            the online scheme of Eq. 9). All must have the same number of blocks and the same
+            block feature shapes. They are put in eval mode and their parameters get
+            ``requires_grad=False``.
         tasks: name -> task ("segmentation", "depth", "normals", a Task or a loss callable) for
-            teachers that do not declare ``.task`` themselves (or to override it).
+            teachers that declare no ``tasks`` themselves (or to override it).
         weights: lambda per output name (Eq. 6 / 8) or per teacher name (Eq. 9's weight of a
             multi-output teacher); default 1.
         objective: "prediction" (Eq. 6, default) or "feature" (Eq. 5).
@@ -104,20 +106,20 @@ class Amalgamator:
         self.teachers = check_teachers(teachers)
         self.objective = check_choice("objective", objective, _OBJECTIVES)
         check_hparams(lr=lr, momentum=momentum, weight_decay=weight_decay, power=power, reduction=reduction)
-        if coding_gate is not None and (isinstance(coding_gate, bool) or not isinstance(coding_gate, (int, float))
-                                        or not 0 < coding_gate < 1):
+        if coding_gate is not None and (as_real(coding_gate) is None or not 0 < coding_gate < 1):
             raise ValueError(f"coding_gate must be a number in (0, 1) or None, got {coding_gate!r}")
-        if isinstance(cache_targets, bool) or not isinstance(cache_targets, int) or cache_targets < 0:
+        cache_bytes = as_int(cache_targets)
+        if cache_bytes is None or cache_bytes < 0:
             raise ValueError(f"cache_targets must be a number of bytes >= 0, got {cache_targets!r}")
         self.lr, self.momentum, self.weight_decay, self.power = lr, momentum, weight_decay, power
-        self.optimizer = check_choice("optimizer", optimizer, {"sgd": "sgd", "adam": "adam"})
         self.amp, self.channels_last, self.progress = bool(amp), bool(channels_last), bool(progress)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.log_dir = Path(log_dir) if log_dir is not None else self.checkpoint_dir
         self.device = torch.device(device) if device is not None else module_device(next(iter(self.teachers.values())))
-        self.engine = Engine(device=self.device, optimizer=self.optimizer, lr=lr, momentum=momentum,
+        self.engine = Engine(device=self.device, optimizer=optimizer, lr=lr, momentum=momentum,  # checks optimizer
                              weight_decay=weight_decay, power=power, amp=amp, checkpoint_every=checkpoint_every,
                              progress=progress, log_dir=self.log_dir, log_name=LOG_NAME)
+        self.optimizer = self.engine.optimizer
 
         self._outputs = resolve_outputs(self.teachers, tasks)
         self._weights, self._teacher_weights = resolve_weights(self.teachers, self._outputs, weights)
@@ -136,7 +138,7 @@ class Amalgamator:
         self.completed_blocks: set = set()
         self.branch_points: Optional[dict] = None
         self.target_net = None
-        self.target_cache = TargetCache(cache_targets) if cache_targets else None
+        self.target_cache = TargetCache(cache_bytes) if cache_bytes else None
 
     rank = property(lambda self: self.engine.rank)
     world_size = property(lambda self: self.engine.world_size)
@@ -166,7 +168,7 @@ class Amalgamator:
         """
         total = self.engine.plan(loader, epochs_per_block, max_steps_per_block, "epochs_per_block")
         probe = fixed_batches(loader, final_loss_images, final_loss_loader)
-        pending = self._resume(resume, ("blocks", "finetune", "done"), loader)
+        pending = resume_run(self, resume, ("blocks", "finetune", "done"), loader)
         for n in range(1, self.num_blocks + 1):
             if n not in self.completed_blocks:
                 at = pending if pending is not None and pending.block == n else None
@@ -180,15 +182,11 @@ class Amalgamator:
         block b for the paper's Decoder_bb variants); the others take ``argmin_n L^n`` over
         ``candidates`` (default: the decoder, N/2 < n <= N). Returns teacher name -> block.
         """
-        points = dict(points or {})
-        for key, p in points.items():
-            if key not in self.teachers:
-                raise ValueError(f"points: unknown teacher {key!r}; teachers are {sorted(self.teachers)}")
-            if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= self.num_blocks:
-                raise ValueError(f"points[{key!r}] must be a block in [1, {self.num_blocks}], got {p!r}")
+        points = {key: self._check_point(key, p) for key, p in (points or {}).items()}
         free = [key for key in self.teachers if key not in points]
         if free:
-            table = {key: v for key, v in self._teacher_losses().items() if key in free}
+            table = {key: v for key, v in teacher_losses(self.loss_table, self._outputs, self._weights).items()
+                     if key in free}
             points.update(select_branch_points(table, self.num_blocks, candidates))
         self.branch_points = {key: points[key] for key in self.teachers}
         self._assemble()
@@ -202,7 +200,7 @@ class Amalgamator:
         fine-tuning (its branch points are then reused). Returns :attr:`target_net`.
         """
         total = self.engine.plan(loader, epochs, max_steps, "epochs")
-        pending = self._resume(resume, ("finetune", "done"), loader)
+        pending = resume_run(self, resume, ("finetune", "done"), loader)
         if self.target_net is None:
             raise RuntimeError("finetune() needs a TargetNet: call branch_out() first")
         if pending is None or pending.phase != "done":
@@ -237,7 +235,7 @@ class Amalgamator:
     # ------------------------------------------------------------------ the two training phases
 
     def _train_block(self, n: int, loader, total: int, pending, probe) -> None:
-        step_module = BlockStep(self.student.blocks[str(n)], self.codings[str(n)])
+        step_module = BlockStep(self.student.block(n), self.codings[str(n)])
         self.student.requires_grad_(False).eval()
         self.codings.requires_grad_(False)
         step_module.requires_grad_(True).train()
@@ -253,7 +251,7 @@ class Amalgamator:
         self.completed_blocks.add(n)
         self._log({"event": "block", "block": n, "objective": self.objective, "losses": final, "train_losses": run.losses,
                    "steps": total, "seconds": round(run.seconds, 3), "images_per_s": run.images_per_s})
-        self._save("blocks", n)
+        save_run(self, "blocks", n)
 
     @torch.no_grad()
     def _final_losses(self, n, step_module, probe) -> dict:
@@ -326,7 +324,7 @@ class Amalgamator:
         run = self._run_phase("finetune", self.num_blocks + 1, target, step, loader, total, pending)
         self._log({"event": "finetune", "losses": run.losses, "steps": total, "seconds": round(run.seconds, 3),
                    "images_per_s": run.images_per_s})
-        self._save("done", self.num_blocks + 1)
+        save_run(self, "done", self.num_blocks + 1)
 
     def _teacher_targets(self, x) -> dict:
         keys, targets = self._cache_lookup(x)
@@ -346,84 +344,15 @@ class Amalgamator:
         desc = f"block {n}/{self.num_blocks}" if phase == "blocks" else "finetune"
         tag = f"blocks/block{n}/loss" if phase == "blocks" else "finetune/loss"
         return self.engine.run_phase(module, step_loss, loader, total, index=n, desc=desc, tag=tag, resume=resume,
-                                     save=lambda state: self._save(phase, n, state))
+                                     save=lambda state: save_run(self, phase, n, state))
 
-    # ------------------------------------------------------------------ data, checkpoints and resume
+    # ------------------------------------------------------------------ data and setup (checkpoints: checkpoints.py)
 
     def _images(self, batch) -> torch.Tensor:
-        if isinstance(batch, Mapping):
-            if "image" not in batch:
-                raise KeyError(f"a batch dict must hold 'image' (the only key the Amalgamator reads); got keys {sorted(batch)}")
-            x, name = batch["image"], "batch['image']"
-        elif isinstance(batch, (tuple, list)):
-            x, name = batch[0], "batch[0]"
-        else:
-            x, name = batch, "batch"
+        x, name = batch_images(batch, strict=True)  # only the images: the teachers supervise
         check_input(x, self.student.in_chans, self.student.size_divisor, name)
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    def _checkpoint_path(self) -> Optional[Path]:
-        return None if self.checkpoint_dir is None else self.checkpoint_dir / CHECKPOINT_NAME
-
-    def _save(self, phase, n, state: Optional[PhaseState] = None) -> None:
-        """Checkpoint: the networks, the tables, and where the run is (``state`` inside a phase)."""
-        path = self._checkpoint_path()
-        if path is None or self.rank != 0:  # one writer; every rank holds the same weights
-            return
-        tensors: dict = {}
-        for prefix, module in (("student", self.student), ("codings", self.codings), ("target", self.target_net)):
-            if module is not None:
-                tensors.update({f"{prefix}/{k}": v for k, v in module.state_dict().items()})
-        state = state if state is not None else PhaseState(rng=self.engine.rng_state())
-        meta = {
-            "phase": phase, "block": n, "config": self._config(), "completed_blocks": sorted(self.completed_blocks),
-            "loss_table": _str_keys(self.loss_table), "feature_table": _str_keys(self.feature_table),
-            "history": self.history, "branch_points": self.branch_points, **state.to_meta(tensors),
-        }
-        save_checkpoint(path, tensors, meta)
-
-    def _resume(self, resume, phases, loader) -> Optional["_Pending"]:
-        path = self._resume_path(resume)
-        if path is None:
-            return None
-        tensors, meta = load_checkpoint(path)
-        if meta["config"] != self._config():
-            raise ValueError(f"resume: {path} was written by a different setup:\n  checkpoint {meta['config']}\n  now        {self._config()}")
-        if meta["phase"] not in phases:
-            return None  # e.g. finetune(resume=True) after a checkpoint of the block phase
-        self.student.load_state_dict(_prefixed(tensors, "student/"))
-        self.codings.load_state_dict(_prefixed(tensors, "codings/"))
-        self.completed_blocks = set(meta["completed_blocks"])
-        self.loss_table = _int_keys(meta["loss_table"])
-        self.feature_table = _int_keys(meta["feature_table"])
-        self.history[:] = meta["history"]
-        if meta["phase"] in ("finetune", "done"):
-            self._restore_target(meta["branch_points"], _prefixed(tensors, "target/"))
-        pending = _Pending(meta["phase"], meta["block"], PhaseState.from_meta(meta, tensors))
-        self.engine.restore_rng(pending.state.rng, loader)  # the loader of this call continues its shuffle
-        return pending
-
-    def _resume_path(self, resume) -> Optional[Path]:
-        if resume is None or resume is False:
-            return None
-        if resume is True:
-            path = self._checkpoint_path()
-            if path is None:
-                raise ValueError("resume=True needs checkpoint_dir (or pass the checkpoint's path)")
-            return path if path.is_file() else None  # nothing to resume: a fresh run
-        path = Path(resume)
-        if not path.is_file():
-            raise FileNotFoundError(f"resume: no checkpoint at {path}")
-        return path
-
-    def _restore_target(self, points, state) -> None:
-        if self.target_net is not None and self.branch_points != points:
-            raise ValueError(f"resume: the checkpoint fine-tunes branch points {points}, but branch_out() chose {self.branch_points}")
-        if self.target_net is None:
-            self.branch_points = dict(points)
-            self._assemble()
-        self.target_net.load_state_dict(state)
 
     def _assemble(self) -> None:
         self.target_net = assemble_target_net(self.student, self.codings, self.teachers, self.branch_points,
@@ -444,39 +373,16 @@ class Amalgamator:
         self.student.to(self.device, memory_format=fmt)
         self.codings.to(self.device)
 
-    def _teacher_losses(self) -> dict:
-        """Per teacher, block -> sum of its outputs' weighted losses (what Eq. 7 minimises)."""
-        table = {}
-        for key, out in self._outputs.items():
-            blocks = set.intersection(*(set(self.loss_table.get(name, {})) for name in out))
-            table[key] = {n: sum(self._weights[name] * self.loss_table[name][n] for name in out) for n in blocks}
-        return table
+    def _check_point(self, key, p) -> int:
+        """A forced branch point of :meth:`branch_out`, as an int block number."""
+        if key not in self.teachers:
+            raise ValueError(f"points: unknown teacher {key!r}; teachers are {sorted(self.teachers)}")
+        block = as_int(p)
+        if block is None or not 1 <= block <= self.num_blocks:
+            raise ValueError(f"points[{key!r}] must be a block in [1, {self.num_blocks}], got {p!r}")
+        return block
 
     def _log(self, record: dict) -> None:
         # L_t^n against n in TensorBoard: the curves Eq. 7 reads
         self.engine.log.write(record, step=record.get("block", self.num_blocks + 1))
 
-
-@dataclass
-class _Pending:
-    """Where a checkpoint left the run: the phase, its block, and the engine's state in it."""
-
-    phase: str
-    block: int
-    state: PhaseState
-
-    @property
-    def step(self) -> Optional[int]:
-        return self.state.step
-
-
-def _prefixed(tensors, prefix) -> dict:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def _str_keys(table) -> dict:
-    return {name: {str(n): v for n, v in row.items()} for name, row in table.items()}
-
-
-def _int_keys(table) -> dict:
-    return {name: {int(n): v for n, v in row.items()} for name, row in table.items()}

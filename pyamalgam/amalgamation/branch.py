@@ -2,8 +2,8 @@
 
 A TargetNet is a shared trunk (student blocks 1..P, P the last branch point) and, per teacher,
 a branch: the channel coding trained at its point p and a copy of that teacher's blocks p+1..N
-and head. It speaks the block protocol itself, as a multi-output teacher, so that the online
-scheme of Eq. 9 can amalgamate it again (TargetNet-2 teaching TargetNet-3).
+and head. It is a :class:`~pyamalgam.models.BlockNetwork` itself, a multi-output teacher, so that
+the online scheme of Eq. 9 can amalgamate it again (TargetNet-2 teaching TargetNet-3).
 """
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..models.protocol import BlockNet, BlockNetwork, Side, check_input
+from ..models.protocol import BlockNetwork, BlockTrunk, Side, check_input
+from ..models.sequential import SequentialBlockNet
 
-__all__ = ["select_branch_points", "decoder_candidates", "Branch", "TargetNet", "assemble_target_net", "as_outputs"]
+__all__ = ["select_branch_points", "teacher_losses", "decoder_candidates", "Branch", "TargetNet", "assemble_target_net",
+           "as_outputs"]
 
 
 def decoder_candidates(num_blocks: int) -> range:
@@ -45,6 +47,19 @@ def select_branch_points(losses: Mapping[str, Mapping[int, float]], num_blocks: 
             raise ValueError(f"all candidate losses of {key!r} are NaN: {dict((n, table[n]) for n in candidates)}")
         points[key] = min(finite)[1]  # (loss, block): equal losses pick the smaller block
     return points
+
+
+def teacher_losses(loss_table: Mapping, outputs: Mapping, weights: Mapping) -> dict:
+    """What Eq. 7 minimises per teacher: block -> sum of its outputs' weighted L_t^n.
+
+    A multi-output teacher (Eq. 9) branches once for all its outputs, at the blocks where every
+    one of them has a recorded loss.
+    """
+    table = {}
+    for key, out in outputs.items():
+        blocks = set.intersection(*(set(loss_table.get(name, {})) for name in out))
+        table[key] = {n: sum(weights[name] * loss_table[name][n] for name in out) for n in blocks}
+    return table
 
 
 def as_outputs(key: str, prediction) -> dict:
@@ -84,10 +99,12 @@ class TargetNet(BlockNetwork):
 
     Depth comes out decoded (metres, Eq. 2), segmentation as logits, normals as unit vectors.
 
-    As a block network (a multi-output teacher for Eq. 9), block n's features are the trunk's
-    while every branch point is >= n; past a branch point each stream has its own block-n
-    features, so :meth:`forward_until` returns a dict stream -> features, and one tensor given
-    to :meth:`forward_from` replaces the block-n features of every stream.
+    As a :class:`~pyamalgam.models.BlockNetwork` (a teacher for Eq. 9) it is ``multi_output``:
+    its own output names are kept, with the lambdas it was trained with (``task_weights``).
+    Block n's features are the trunk's while every branch point is >= n; past a branch point
+    each stream has its own block-n features, so :meth:`forward_until` returns a dict stream ->
+    features, and one tensor given to :meth:`forward_from` replaces the block-n features of
+    every stream.
 
     Args:
         trunk: block number -> student block, for blocks 1..P.
@@ -96,6 +113,8 @@ class TargetNet(BlockNetwork):
         num_blocks, size_divisor, in_chans: those of the teachers.
         task_weights: output name -> lambda used to train it (reused when it teaches, Eq. 9).
     """
+
+    multi_output = True
 
     def __init__(self, trunk: Mapping[int, nn.Module], branches: Mapping[str, Branch], outputs: Mapping[str, Mapping], *,
                  num_blocks: int, size_divisor: int = 1, in_chans: int = 3, task_weights: Mapping[str, float] | None = None):
@@ -116,12 +135,8 @@ class TargetNet(BlockNetwork):
     def tasks(self) -> dict:
         return {name: task for out in self.outputs.values() for name, task in out.items()}
 
-    def forward(self, x):
-        check_input(x, self.in_chans, self.size_divisor)
-        return self.forward_from(x, 0, {})
-
     def forward_from(self, features, n, side):
-        self._check_block(n)
+        n = self._check_block(n)
         side = dict(side)
         outputs = {}
         for key, br in self.branches.items():
@@ -136,7 +151,7 @@ class TargetNet(BlockNetwork):
         return {name: outputs[name] for name in self.tasks}
 
     def forward_until(self, x, n):
-        self._check_block(n)
+        n = self._check_block(n)
         check_input(x, self.in_chans, self.size_divisor)
         side: Side = {}
         trunk_at = {0: x}
@@ -144,19 +159,16 @@ class TargetNet(BlockNetwork):
             trunk_at[i] = self._run_trunk(trunk_at[i - 1], i, i, side)
         if all(p >= n for p in self.points.values()):
             return trunk_at[n], side
-        streams = {}
-        for key, br in self.branches.items():
-            if br.point >= n:
-                streams[key] = trunk_at[n]
-            elif hasattr(br.tail, "run_blocks"):
-                coded = code(br.coding, trunk_at[br.point])
-                streams[key] = br.tail.run_blocks(coded, br.point + 1, n, dict(side))
-            else:
-                raise NotImplementedError(f"branch {key!r} is itself multi-stream; its block-{n} features are not defined")
+        streams = {key: trunk_at[n] if br.point >= n else self._run_stream(key, trunk_at[br.point], n, side)
+                   for key, br in self.branches.items()}
         return streams, side
 
+    def side_keys(self, x):
+        # Past its branch point each stream writes side information of its own: no single set.
+        return None
+
     def tail(self, n):
-        self._check_block(n)
+        n = self._check_block(n)
         trunk = {int(i): copy.deepcopy(b) for i, b in self.trunk.items() if int(i) > n}
         branches = {}
         for key, br in self.branches.items():
@@ -167,7 +179,7 @@ class TargetNet(BlockNetwork):
         return TargetNet(trunk, branches, self.outputs, num_blocks=self.num_blocks, size_divisor=self.size_divisor,
                          in_chans=self.in_chans, task_weights=self.task_weights)
 
-    def as_trunk(self) -> BlockNet:
+    def as_trunk(self) -> SequentialBlockNet:
         """The chain a student copies (Step 1 of Eq. 9): the trunk's blocks 1..P, then the blocks
         P+1..N of the stream that branches out last (P = max point; ties: the first stream).
 
@@ -177,15 +189,28 @@ class TargetNet(BlockNetwork):
         last = max(self.points.values())
         key = next(k for k, br in self.branches.items() if br.point == last)
         blocks = {int(i): copy.deepcopy(b) for i, b in self.trunk.items()}
-        tail = self.branches[key].tail
-        blocks.update({int(i): copy.deepcopy(b) for i, b in getattr(tail, "blocks", {}).items() if int(i) > last})
+        stream = [self.branches[key].tail.block(i) for i in range(last + 1, self.num_blocks + 1)]
+        blocks.update({i: copy.deepcopy(b) for i, b in enumerate(stream, start=last + 1) if b is not None})
         if sorted(blocks) != list(range(1, self.num_blocks + 1)):
             raise ValueError(f"stream {key!r} does not hold blocks {last + 1}..{self.num_blocks}; cannot form a trunk")
-        return BlockNet(blocks, None, num_blocks=self.num_blocks, size_divisor=self.size_divisor, in_chans=self.in_chans)
+        return SequentialBlockNet(blocks, None, num_blocks=self.num_blocks, size_divisor=self.size_divisor,
+                                  in_chans=self.in_chans)
 
     def _run_trunk(self, x, start, stop, side):
         for i in range(start, stop + 1):
             x = self.trunk[str(i)](x, side)
+        return x
+
+    def _run_stream(self, key, trunk_features, n, side):
+        """Stream ``key`` from its branch point p to block n: its coding, then blocks p+1..n."""
+        br = self.branches[key]
+        x, side = code(br.coding, trunk_features), dict(side)
+        for i in range(br.point + 1, n + 1):
+            block = br.tail.block(i)
+            if block is None:  # e.g. a branch that is itself a TargetNet, multi-stream past its points
+                raise NotImplementedError(f"branch {key!r} does not hold block {i} as one module; "
+                                          f"its block-{n} features are not defined")
+            x = block(x, side)
         return x
 
 
@@ -193,7 +218,7 @@ def _stream(features, key):
     return features[key] if isinstance(features, Mapping) else features
 
 
-def assemble_target_net(student, codings: Mapping, teachers: Mapping[str, BlockNetwork], points: Mapping[str, int],
+def assemble_target_net(student: BlockTrunk, codings: Mapping, teachers: Mapping[str, BlockNetwork], points: Mapping[str, int],
                         outputs: Mapping[str, Mapping], task_weights: Mapping[str, float] | None = None) -> TargetNet:
     """Step 4: shared student blocks 1..max(p), per teacher its coding at p and blocks p+1..N.
 
@@ -201,7 +226,7 @@ def assemble_target_net(student, codings: Mapping, teachers: Mapping[str, BlockN
     TargetNet can be fine-tuned without touching the student, the codings or the teachers.
     """
     last = max(points.values())
-    trunk = {i: copy.deepcopy(student.blocks[str(i)]) for i in range(1, last + 1)}
+    trunk = {i: copy.deepcopy(student.block(i)) for i in range(1, last + 1)}
     branches = {key: Branch(p, copy.deepcopy(codings[str(p)][key]), teachers[key].tail(p)) for key, p in points.items()}
     net = TargetNet(trunk, branches, outputs, num_blocks=student.num_blocks, size_divisor=student.size_divisor,
                     in_chans=student.in_chans, task_weights=task_weights)

@@ -8,26 +8,28 @@ import math
 from typing import Mapping
 
 import torch
-from torch import nn
 
+from .._checks import as_int, as_real
 from ..engine import batch_len, module_device
 from ..losses import get_task
-from ..models.protocol import BlockNet, block_shapes
+from ..models.protocol import BlockNetwork, BlockTrunk, block_shapes, protocol_gap
 
 __all__ = ["check_teachers", "resolve_outputs", "resolve_weights", "make_student", "validate_blocks",
            "fixed_batches", "check_choice", "check_hparams"]
 
 
 def check_teachers(teachers) -> dict:
+    """Every teacher must be a :class:`~pyamalgam.models.BlockNetwork` that implements the
+    interface's required members (the error names the missing ones); all share N. Freezes them."""
     if not isinstance(teachers, Mapping) or not teachers:
         raise TypeError(f"teachers must be a non-empty mapping name -> network, got {type(teachers).__name__}")
     for key, t in teachers.items():
         if not isinstance(key, str) or not key or "/" in key:
             raise ValueError(f"teachers: names must be non-empty strings without '/', got {key!r}")
-        missing = [a for a in ("forward_until", "forward_from", "tail", "num_blocks") if not hasattr(t, a)]
-        if not isinstance(t, nn.Module) or missing:
+        why = protocol_gap(t, BlockNetwork)
+        if why is not None:
             raise TypeError(f"teachers[{key!r}] must be an nn.Module speaking the block protocol "
-                            f"(pyamalgam.models.BlockNetwork); it lacks {missing or 'nn.Module'}")
+                            f"(a pyamalgam.models.BlockNetwork); {why}")
     first_key, first_n = next((k, t.num_blocks) for k, t in teachers.items())
     for key, t in teachers.items():
         if t.num_blocks != first_n:
@@ -41,6 +43,8 @@ def check_teachers(teachers) -> dict:
 
 
 def resolve_outputs(teachers, tasks) -> dict:
+    """Teacher key -> (output name -> Task). A single-output teacher's one output is named after
+    its key (``tasks=`` may give or override its task); a multi-output one keeps its names."""
     tasks = dict(tasks or {})
     unknown = set(tasks) - set(teachers)
     if unknown:
@@ -49,17 +53,25 @@ def resolve_outputs(teachers, tasks) -> dict:
     for key, t in teachers.items():
         if key in tasks:
             outputs[key] = {key: get_task(tasks[key])}
-        elif isinstance(t, BlockNet):
-            if t.task is None:
-                raise ValueError(f"teachers[{key!r}] declares no task; pass tasks={{{key!r}: ...}}")
-            outputs[key] = {key: t.task}
-        else:  # a multi-output teacher (a TargetNet): its own output names
+        elif t.multi_output:  # e.g. a TargetNet (Eq. 9)
             outputs[key] = dict(t.tasks)
+        else:
+            outputs[key] = {key: _single_task(key, t)}
         for name in outputs[key]:
             if name in seen:
                 raise ValueError(f"output {name!r} is predicted by both teachers[{seen[name]!r}] and teachers[{key!r}]")
             seen[name] = key
     return outputs
+
+
+def _single_task(key, teacher):
+    declared = list(teacher.tasks.values())
+    if not declared:
+        raise ValueError(f"teachers[{key!r}] declares no task; pass tasks={{{key!r}: ...}}")
+    if len(declared) > 1:
+        raise ValueError(f"teachers[{key!r}] declares tasks {sorted(teacher.tasks)} but is not multi_output; "
+                         f"pass tasks={{{key!r}: ...}} or set multi_output = True")
+    return declared[0]
 
 
 def resolve_weights(teachers, outputs, weights):
@@ -69,25 +81,26 @@ def resolve_weights(teachers, outputs, weights):
     if unknown:
         raise ValueError(f"weights: unknown name(s) {sorted(unknown)}; use output names {sorted(names)} or teacher names")
     for k, w in weights.items():
-        if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0:
+        if as_real(w) is None or not math.isfinite(w) or w < 0:
             raise ValueError(f"weights[{k!r}] must be a finite number >= 0, got {w!r}")
     per_output, per_teacher = {}, {}
     for key, out in outputs.items():
         per_teacher[key] = float(weights.get(key, 1.0))
-        inherited = getattr(teachers[key], "task_weights", {})  # a TargetNet keeps its own Eq. 6 lambdas
+        inherited = teachers[key].task_weights  # a TargetNet keeps its own Eq. 6 lambdas
         for name in out:
             w = weights.get(name, 1.0) * (per_teacher[key] if name != key else 1.0) * inherited.get(name, 1.0)
             per_output[name] = float(w)
     return per_output, per_teacher
 
 
-def make_student(teachers, init) -> BlockNet:
+def make_student(teachers, init) -> BlockTrunk:
     """Step 1: the student is a copy of one teacher's chain of blocks 1..N, without a head.
 
     ``"teacher"`` copies the first teacher (in the mapping's order): SegNet for Eq. 6 / 8, and
     for Eq. 9 TargetNet-2, whose chain is its trunk continued by the stream that branches out
     last (:meth:`TargetNet.as_trunk`), so TargetNet-3 starts from what TargetNet-2 learnt
-    rather than from NormNet. ``"random"`` re-initialises that copy.
+    rather than from NormNet. ``"random"`` re-initialises that copy. The copy must be a
+    :class:`~pyamalgam.models.BlockTrunk` that holds every block as one module.
     """
     if init in ("teacher", "random"):
         source = next(iter(teachers))
@@ -95,19 +108,29 @@ def make_student(teachers, init) -> BlockNet:
         source = init
     else:
         raise ValueError(f"init must be 'teacher', 'random' or a teacher name {sorted(teachers)}, got {init!r}")
-    as_trunk = getattr(teachers[source], "as_trunk", None)
-    if as_trunk is None:
-        raise ValueError(f"init={init!r}: teachers[{source!r}] has no as_trunk() to copy the student from")
-    student = as_trunk()
+    try:
+        student = teachers[source].as_trunk()
+    except NotImplementedError as e:  # the protocol's default: this teacher offers no student template
+        raise ValueError(f"init={init!r}: teachers[{source!r}] cannot be copied into the student: {e}") from None
+    _check_student(student, f"init={init!r}: teachers[{source!r}].as_trunk()")
     if init == "random":
         student.reset_parameters()
     return student.requires_grad_(False)
 
 
+def _check_student(student, origin) -> None:
+    why = protocol_gap(student, BlockTrunk)
+    if why is not None:
+        raise TypeError(f"{origin} must return a student template (a pyamalgam.models.BlockTrunk); {why}")
+    absent = [n for n in range(1, student.num_blocks + 1) if student.block(n) is None]
+    if absent:
+        raise ValueError(f"{origin} returned a trunk without a module for block(s) {absent}; a student trains every block")
+
+
 def validate_blocks(teachers, student, probe_size) -> list:
-    """Probe every teacher: same block count (checked before) and block feature shapes."""
-    divisor = math.lcm(*(getattr(t, "size_divisor", 1) for t in teachers.values()))
-    in_chans = {key: getattr(t, "in_chans", 3) for key, t in teachers.items()}
+    """Probe every teacher: same block count (checked before), block feature shapes, side keys."""
+    divisor = math.lcm(*(t.size_divisor for t in teachers.values()))
+    in_chans = {key: t.in_chans for key, t in teachers.items()}
     if len(set(in_chans.values())) > 1:
         raise ValueError(f"teachers take different input channels: {in_chans}")
     h, w = probe_size if probe_size is not None else (2 * divisor, 2 * divisor)
@@ -122,13 +145,12 @@ def validate_blocks(teachers, student, probe_size) -> list:
                     where = f"teachers[{key!r}]" + ("" if stream is None else f" stream {stream!r}")
                     raise ValueError(f"block {n}: {where} gives features {shape} but {ref_name} (a copy of the "
                                      f"first teacher) gives {want}; teachers must share block shapes")
-        if isinstance(t, BlockNet):
-            with torch.no_grad():
-                theirs = set(t.eval().forward_until(x, t.num_blocks)[1])
-                ours = set(student.eval().forward_until(x, student.num_blocks)[1])
-            if theirs != ours:
-                raise ValueError(f"teachers[{key!r}] carries side information {sorted(theirs)} but the student carries "
-                                 f"{sorted(ours)}; teachers must share the block structure")
+        with torch.no_grad():
+            theirs = t.eval().side_keys(x)
+            ours = None if theirs is None else student.eval().side_keys(x)
+        if theirs is not None and theirs != ours:
+            raise ValueError(f"teachers[{key!r}] carries side information {sorted(theirs)} but the student carries "
+                             f"{sorted(ours)}; teachers must share the block structure")
     return reference
 
 
@@ -145,8 +167,10 @@ def fixed_batches(loader, count, probe_loader) -> list:
         if not batches:
             raise ValueError("final_loss_loader yielded no batch")
         return batches
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+    n = as_int(count)
+    if n is None or n < 1:
         raise ValueError(f"final_loss_images must be a positive int, got {count!r}")
+    count = n
     dataset = getattr(loader, "dataset", None)
     indexable = (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
                  and not isinstance(dataset, torch.utils.data.IterableDataset))
@@ -175,8 +199,9 @@ def check_choice(name, value, options):
 
 def check_hparams(**values):
     for name, v in values.items():
-        bad = isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-        if bad or v < 0 or (name in ("lr", "reduction") and v <= 0) or (name == "momentum" and v >= 1):
+        x = as_real(v)
+        bad = x is None or not math.isfinite(x) or x < 0
+        if bad or (name in ("lr", "reduction") and x <= 0) or (name == "momentum" and x >= 1):
             raise ValueError(f"{name} has an invalid value {v!r}")
-    if not isinstance(values["reduction"], int):
+    if as_int(values["reduction"]) is None:
         raise ValueError(f"reduction must be an int, got {values['reduction']!r}")

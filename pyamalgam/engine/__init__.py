@@ -12,12 +12,14 @@ A trainer (the Amalgamator, the teacher trainer) is its objective on top of thes
 from .cache import TargetCache
 from .checkpoint import load_checkpoint, pack_state, save_checkpoint, unpack_state
 from .distributed import all_reduce_mean, init_distributed, module_device, sync_buffers, wrap_ddp
-from .loop import Engine, PhaseResult, PhaseState, PolyLR, batch_len, make_optimizer, plan_steps
+from .loop import (OPTIMIZERS, Engine, PhaseResult, PhaseState, PolyLR, batch_images, batch_len, check_optimizer,
+                   make_optimizer, plan_steps)
 from .rng import get_rng_state, set_rng_state
 from .runlog import RunLog
 
 __all__ = [
-    "Engine", "PhaseState", "PhaseResult", "PolyLR", "make_optimizer", "plan_steps", "batch_len", "RunLog",
+    "Engine", "PhaseState", "PhaseResult", "PolyLR", "OPTIMIZERS", "check_optimizer", "make_optimizer", "plan_steps",
+    "batch_images", "batch_len", "RunLog",
     "save_checkpoint", "load_checkpoint", "pack_state", "unpack_state", "TargetCache",
     "get_rng_state", "set_rng_state", "init_distributed", "wrap_ddp", "sync_buffers", "all_reduce_mean",
     "module_device",

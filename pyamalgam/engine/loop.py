@@ -22,14 +22,22 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
 
+from .._checks import as_int
 from .checkpoint import pack_state, unpack_state
 from .distributed import all_reduce_mean, init_distributed, sync_buffers, wrap_ddp
 from .rng import get_rng_state, set_rng_state
 from .runlog import RunLog
 
-__all__ = ["Engine", "PhaseState", "PhaseResult", "PolyLR", "batch_len", "make_optimizer", "plan_steps"]
+__all__ = ["Engine", "PhaseState", "PhaseResult", "PolyLR", "OPTIMIZERS", "check_optimizer", "make_optimizer",
+           "plan_steps", "batch_images", "batch_len"]
 
-OPTIMIZERS = ("sgd", "adam")
+# name -> (params, lr, momentum, weight_decay) -> optimiser: the one table every trainer validates against
+OPTIMIZERS: Mapping[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": lambda params, lr, momentum, weight_decay: torch.optim.SGD(  # §6.1
+        params, lr=lr, momentum=momentum, weight_decay=weight_decay),
+    "adam": lambda params, lr, momentum, weight_decay: torch.optim.Adam(  # momentum unused
+        params, lr=lr, weight_decay=weight_decay),
+}
 _STATE_KEYS = ("rng", "epoch_rng", "optimizer", "scheduler", "sums")
 
 
@@ -48,13 +56,16 @@ class PolyLR(LRScheduler):
         return [base * factor for base in self.base_lrs]
 
 
+def check_optimizer(name, argument: str = "optimizer") -> str:
+    """``name`` if it is a key of :data:`OPTIMIZERS`, else a ValueError naming ``argument``."""
+    if not isinstance(name, str) or name not in OPTIMIZERS:
+        raise ValueError(f"{argument} must be one of {list(OPTIMIZERS)}, got {name!r}")
+    return name
+
+
 def make_optimizer(params, name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
-    """SGD with momentum (§6.1) or Adam (``momentum`` unused)."""
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {name!r}")
+    """SGD with momentum (§6.1) or Adam (``momentum`` unused), from :data:`OPTIMIZERS`."""
+    return OPTIMIZERS[check_optimizer(name)](params, lr, momentum, weight_decay)
 
 
 def plan_steps(loader, epochs, max_steps, epochs_name: str = "epochs", world_size: int = 1) -> int:
@@ -67,14 +78,16 @@ def plan_steps(loader, epochs, max_steps, epochs_name: str = "epochs", world_siz
         raise TypeError(f"loader must be re-iterable (e.g. a DataLoader), got a one-shot {type(loader).__name__}")
     if per_epoch < 1:
         raise ValueError("loader is empty")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+    passes = as_int(epochs)
+    if passes is None or passes < 1:
         raise ValueError(f"{epochs_name} must be a positive int, got {epochs!r}")
-    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+    limit = None if max_steps is None else as_int(max_steps)
+    if max_steps is not None and (limit is None or limit < 1):
         raise ValueError(f"max_steps must be a positive int or None, got {max_steps!r}")
     if world_size > 1 and not isinstance(getattr(loader, "sampler", None), torch.utils.data.DistributedSampler):
         warnings.warn("distributed run without a DistributedSampler: every rank sees every batch", stacklevel=3)
-    total = per_epoch * epochs
-    return total if max_steps is None else min(total, max_steps)
+    total = per_epoch * passes
+    return total if limit is None else min(total, limit)
 
 
 @dataclass
@@ -137,15 +150,13 @@ class Engine:
                  weight_decay: float = 4e-6, power: float = 0.9, amp: bool = False,
                  checkpoint_every: Optional[int] = None, progress: bool = True, log_dir=None,
                  log_name: str = "train.jsonl"):
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
-        if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
-                                             or checkpoint_every < 1):
+        every = None if checkpoint_every is None else as_int(checkpoint_every)
+        if checkpoint_every is not None and (every is None or every < 1):
             raise ValueError(f"checkpoint_every must be a positive int or None, got {checkpoint_every!r}")
         self.device = torch.device(device)
-        self.optimizer, self.lr, self.momentum = optimizer, lr, momentum
+        self.optimizer, self.lr, self.momentum = check_optimizer(optimizer), lr, momentum
         self.weight_decay, self.power = weight_decay, power
-        self.amp, self.checkpoint_every, self.progress = bool(amp), checkpoint_every, bool(progress)
+        self.amp, self.checkpoint_every, self.progress = bool(amp), every, bool(progress)
         self.rank, self.world_size = init_distributed()
         self.log = RunLog(log_dir, log_name, self.rank)
         self._generators: list = []  # the generators of the loader of the current (or last) phase
@@ -294,12 +305,26 @@ def _loader_generators(loader) -> list:
     return found
 
 
-def batch_len(batch) -> int:
-    """Images in a batch: a tensor, the first element of a tuple, or a dict's ``"image"``."""
+def batch_images(batch, *, strict: bool = False) -> tuple:
+    """(images, how to name them in an error) of a batch, in every layout the trainers accept:
+    a dict's ``"image"`` (what :mod:`pyamalgam.data` yields), a tuple's or list's first element,
+    or the batch itself.
+
+    A dict without ``"image"`` is a KeyError naming its keys with ``strict`` (a trainer that
+    reads the images); without, its first value stands in, so that any batch can be counted.
+    """
     if isinstance(batch, Mapping):
-        x = batch.get("image", next(iter(batch.values()), None))
-    elif isinstance(batch, (tuple, list)):
-        x = batch[0]
-    else:
-        x = batch
+        if "image" in batch:
+            return batch["image"], "batch['image']"
+        if strict:
+            raise KeyError(f"a batch dict must hold 'image' (the key images are read from); got keys {sorted(batch)}")
+        return next(iter(batch.values()), None), "batch"
+    if isinstance(batch, (tuple, list)):
+        return batch[0], "batch[0]"
+    return batch, "batch"
+
+
+def batch_len(batch) -> int:
+    """Images in a batch (:func:`batch_images`); 1 for a batch without a leading dimension."""
+    x, _ = batch_images(batch)
     return int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() else 1

@@ -6,6 +6,7 @@ from typing import Dict, Optional
 
 import torch
 
+from .._checks import as_real
 from .segmentation import _check_mask, _check_tensor
 
 __all__ = ["DepthMetric"]
@@ -48,7 +49,7 @@ class DepthMetric:
         for name, v in (("min_depth", min_depth), ("max_depth", max_depth)):
             if v is None and name == "max_depth":
                 continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+            if as_real(v) is None or not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a finite number > 0 (metres), got {v!r}")
         if max_depth is not None and max_depth <= min_depth:
             raise ValueError(f"max_depth ({max_depth}) must be > min_depth ({min_depth})")

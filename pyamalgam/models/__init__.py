@@ -1,12 +1,21 @@
-"""Networks in the block protocol: the protocol itself, reference VGG encoder-decoders, heads."""
+"""Networks in the block protocol: its two interfaces (:class:`BlockNetwork` for teachers,
+:class:`BlockTrunk` for student templates), the chain-of-blocks implementation
+:class:`SequentialBlockNet`, reference VGG encoder-decoders and task heads."""
+import warnings
+
 from .heads import DepthHead, NormalHead, SegmentationHead
-from .protocol import BlockNet, BlockNetwork, Side, block_shapes, check_input, count_parameters
+from .protocol import (BlockNetwork, BlockTrunk, Side, block_shapes, check_input, count_parameters, missing_members,
+                       protocol_gap)
+from .sequential import SequentialBlockNet
 from .vgg import DecoderBlock, EncoderBlock, VGGEncoderDecoder, segnet_vgg, unet_vgg
 
 __all__ = [
     "BlockNetwork",
-    "BlockNet",
+    "BlockTrunk",
+    "SequentialBlockNet",
     "Side",
+    "missing_members",
+    "protocol_gap",
     "block_shapes",
     "check_input",
     "count_parameters",
@@ -19,3 +28,11 @@ __all__ = [
     "DepthHead",
     "NormalHead",
 ]
+
+
+def __getattr__(name):
+    # BlockNet was SequentialBlockNet's name, one suffix away from the BlockNetwork interface.
+    if name == "BlockNet":
+        warnings.warn("pyamalgam.models.BlockNet is deprecated; use SequentialBlockNet", DeprecationWarning, stacklevel=2)
+        return SequentialBlockNet
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,28 +1,38 @@
 """The block protocol: a network is N blocks followed by a task head (paper 001, §3).
 
 A *block* is the part of a network between two pooling / up-sampling layers, so every feature
-map inside it has one resolution. The amalgamation of §5 needs three things from a network:
+map inside it has one resolution. Block numbers are 1-based and global: a tail cut at block n
+still calls its first block ``n + 1``, so side-information keys and state-dict names stay stable.
+*Side information* is a plain ``dict`` that blocks write to and later blocks read from (SegNet's
+pooling indices, a U-Net's skip features).
 
-* run it up to block n: :meth:`BlockNetwork.forward_until` -> (F^n, side);
-* run it from block n+1 to the prediction with replacement features at block n:
-  :meth:`BlockNetwork.forward_from`;
-* carry *side information* between blocks: a plain ``dict`` that blocks write to and read
-  from (SegNet's pooling indices, a U-Net's skip features).
+The amalgamation of §5 speaks two interfaces, and nothing else of a network:
 
-:class:`BlockNet` implements it for a chain of block modules, each called as
-``block(x, side) -> x``; a block that needs no side information simply ignores ``side``.
-Block numbers are 1-based and global: a tail cut at block n (:meth:`BlockNet.tail`) still calls
-its first block ``n + 1``, so side-information keys and state-dict names stay stable.
+* :class:`BlockNetwork`, what a **teacher** provides: Step 2 runs it up to block n and on from
+  replacement block-n features (Eq. 5/6), Step 4 copies its blocks n+1..N into a branch;
+* :class:`BlockTrunk`, what a **student template** provides: Step 1 copies one from a teacher
+  (:meth:`BlockNetwork.as_trunk`), Step 2 trains its blocks one at a time, Step 4 copies blocks
+  1..P into the TargetNet's trunk.
+
+Each lists its required members in ``REQUIRED``; every other member has a default here.
+:func:`missing_members` names what a network lacks. A network from another library joins by
+subclassing :class:`BlockNetwork` and implementing the required members only.
+:class:`~pyamalgam.models.SequentialBlockNet` implements both interfaces for a chain of block
+modules; :class:`pyamalgam.amalgamation.TargetNet` is a multi-output :class:`BlockNetwork`.
 """
 from __future__ import annotations
 
-import copy
-from typing import Any, Iterable, Mapping
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["Side", "BlockNetwork", "BlockNet", "block_shapes", "count_parameters", "check_input"]
+from .._checks import as_int
+
+__all__ = ["BlockNetwork", "BlockTrunk", "Side", "block_shapes", "check_input", "count_parameters", "missing_members",
+           "protocol_gap"]
 
 Side = dict  # side information between blocks: str -> Tensor (pooling indices, skip features)
 
@@ -49,133 +59,118 @@ def check_input(x: Any, in_chans: int, size_divisor: int, name: str = "x") -> No
         )
 
 
-class BlockNetwork(nn.Module):
-    """Interface the amalgamation speaks (teachers, students and TargetNets implement it).
+class _Blocks(nn.Module):
+    """What both interfaces share: N blocks, the images they take, running blocks 1..n."""
 
-    Attributes:
-        num_blocks: N, the number of blocks of the full network.
-        size_divisor: H and W of an input must be divisible by it.
-        in_chans: channels of the input image.
-        tasks: output name -> :class:`pyamalgam.losses.Task` (one entry for a single-task network).
-    """
-
-    num_blocks: int
-    size_divisor: int = 1
-    in_chans: int = 3
-
-    @property
-    def tasks(self) -> dict:
-        raise NotImplementedError
+    num_blocks: int  # required: N, the blocks of the full network
+    size_divisor: int = 1  # H and W of an input must be divisible by it
+    in_chans: int = 3  # channels of the input image
 
     def forward_until(self, x: torch.Tensor, n: int):
-        """Run blocks 1..n on image ``x``; return (block-n features, side information)."""
-        raise NotImplementedError
+        """Required: run blocks 1..n on image ``x``; return (block-n features, side information).
 
-    def forward_from(self, features, n: int, side: Side):
-        """Run blocks n+1..N and the head from block-n ``features``; ``side`` is not mutated."""
-        raise NotImplementedError
+        ``n = 0`` returns the (checked) image and no side information.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement forward_until()")
 
-    def tail(self, n: int) -> "BlockNetwork":
-        """A copy holding only what :meth:`forward_from` at block >= n needs (blocks n+1..N, head)."""
-        raise NotImplementedError
+    def block(self, n: int) -> nn.Module | None:
+        """Block n as one module, called ``block(x, side) -> x`` (it writes its own side
+        information into ``side``); None where this network does not hold block n as one module
+        (the default). A student template must give every block (Step 2 trains it, Step 4 chains
+        it in the trunk); a teacher may (a TargetNet copies a branch's blocks from it)."""
+        return None
 
-    def as_trunk(self) -> "BlockNet":
-        """A copy of one chain of blocks 1..N, without a head: what a student copies (Step 1)."""
-        raise NotImplementedError
+    def feature_shapes(self, x: torch.Tensor) -> list:
+        """Feature shapes (C, H, W) of blocks 1..N on ``x``, a dict stream -> shape for a
+        multi-stream block. :func:`block_shapes` calls it in eval mode without grad. The default
+        runs :meth:`forward_until` once per block; a network that can do one pass overrides it."""
+        shapes = []
+        for n in range(1, self.num_blocks + 1):
+            feat, _ = self.forward_until(x, n)
+            if isinstance(feat, Mapping):
+                shapes.append({k: tuple(v.shape[1:]) for k, v in feat.items()})
+            else:
+                shapes.append(tuple(feat.shape[1:]))
+        return shapes
+
+    def side_keys(self, x: torch.Tensor) -> set | None:
+        """The side-information keys blocks 1..N write on ``x``, or None where the network has no
+        single set (a multi-stream TargetNet). Teachers and the student must agree on them: a
+        teacher's blocks n+1..N run on the student's side information (Step 2 and Step 4)."""
+        return set(self.forward_until(x, self.num_blocks)[1])
 
     def _check_block(self, n: int, low: int = 0) -> int:
-        if isinstance(n, bool) or not isinstance(n, int) or not low <= n <= self.num_blocks:
+        index = as_int(n)
+        if index is None or not low <= index <= self.num_blocks:
             raise ValueError(f"block index n must be an int in [{low}, {self.num_blocks}], got {n!r}")
-        return n
+        return index
 
 
-class BlockNet(BlockNetwork):
-    """A chain of blocks and a head: the block protocol for single-task encoder-decoders.
+class BlockNetwork(_Blocks):
+    """What a **teacher** provides: N blocks and a head, run in two halves around block n (§5.1.2).
 
-    Args:
-        blocks: the N block modules in order, or a mapping block number -> module (a tail).
-        head: maps block-N features to the prediction (None for a trunk without a head).
-        task: what the network predicts (name or :class:`pyamalgam.losses.Task`); the
-            amalgamation derives the supervision and the loss of its prediction from it.
-        num_blocks: N of the full network; required when ``blocks`` is a tail mapping.
-        size_divisor: the divisibility required of H and W.
-        in_chans: channels of the input image.
+    Required (``REQUIRED``):
+        num_blocks: N.
+        tasks: output name -> :class:`pyamalgam.losses.Task` (one entry for a single-task
+            network): the supervision and the loss of each prediction (Eq. 1, 3, 4).
+        forward_until(x, n): blocks 1..n on image ``x`` -> (F^n, side).
+        forward_from(F, n, side): blocks n+1..N and the head from block-n features -> prediction.
+        tail(n): a copy of what ``forward_from`` at block >= n needs (the branch of Step 4).
+
+    Optional, with defaults on this class:
+        size_divisor (1), in_chans (3).
+        multi_output (False): ``forward`` returns one prediction, which the Amalgamator names
+            after the teacher's key; True: a mapping output name -> prediction whose names are
+            kept (a TargetNet teaching again, Eq. 9).
+        task_weights (empty): output name -> the lambda it was trained with (reused, Eq. 9).
+        forward(x): ``forward_from(*forward_until(x, 0))``.
+        as_trunk(): the student template (Step 1); only the teacher the student is copied from
+            needs it.
+        block(n) (None), feature_shapes(x), side_keys(x): shared with :class:`BlockTrunk`,
+            each documented at its method.
     """
 
-    def __init__(
-        self,
-        blocks: Iterable[nn.Module] | Mapping[int, nn.Module],
-        head: nn.Module | None,
-        task=None,
-        *,
-        num_blocks: int | None = None,
-        size_divisor: int = 1,
-        in_chans: int = 3,
-    ):
-        super().__init__()
-        if not isinstance(blocks, Mapping):
-            blocks = dict(enumerate(blocks, start=1))
-        if not blocks:
-            raise ValueError("blocks must not be empty")
-        self.num_blocks = num_blocks if num_blocks is not None else max(blocks)
-        if min(blocks) < 1 or max(blocks) > self.num_blocks:
-            raise ValueError(f"block numbers must lie in [1, {self.num_blocks}], got {sorted(blocks)}")
-        self.blocks = nn.ModuleDict({str(i): b for i, b in sorted(blocks.items())})
-        self.head = head
-        self.task = _resolve_task(task)
-        self.size_divisor = size_divisor
-        self.in_chans = in_chans
-
-    @property
-    def first_block(self) -> int:
-        return min(int(k) for k in self.blocks)
-
-    @property
-    def tasks(self) -> dict:
-        return {} if self.task is None else {self.task.name: self.task}
-
-    def run_blocks(self, x: torch.Tensor, start: int, stop: int, side: Side) -> torch.Tensor:
-        """Run blocks start..stop (inclusive); writes the blocks' side information into ``side``."""
-        for i in range(start, stop + 1):
-            if str(i) not in self.blocks:
-                raise ValueError(f"this network holds blocks {self.first_block}..{self.num_blocks}; block {i} was cut away")
-            x = self.blocks[str(i)](x, side)
-        return x
-
-    def forward_until(self, x, n):
-        self._check_block(n)
-        if self.first_block == 1:
-            check_input(x, self.in_chans, self.size_divisor)
-        side: Side = {}
-        return self.run_blocks(x, 1, n, side), side
-
-    def forward_from(self, features, n, side):
-        self._check_block(n)
-        if self.head is None:
-            raise RuntimeError("this BlockNet has no head (it is a trunk); it cannot predict")
-        side = dict(side)  # a suffix must not leak its side information to the caller
-        return self.head(self.run_blocks(features, n + 1, self.num_blocks, side))
+    REQUIRED = ("num_blocks", "tasks", "forward_until", "forward_from", "tail")
+    multi_output: bool = False
+    task_weights: Mapping[str, float] = MappingProxyType({})
+    tasks: Mapping  # required: output name -> Task (a plain attribute or a property)
 
     def forward(self, x):
-        return self.forward_from(self.forward_until(x, 0)[0], 0, {})
+        """The prediction on image ``x``: blocks 1..N, then the head."""
+        features, side = self.forward_until(x, 0)
+        return self.forward_from(features, 0, side)
 
-    def tail(self, n):
-        self._check_block(n, low=self.first_block - 1)
-        kept = {i: copy.deepcopy(self.blocks[str(i)]) for i in range(n + 1, self.num_blocks + 1)}
-        if not kept:  # cut after the last block: only the head remains
-            return _HeadOnly(copy.deepcopy(self.head), self.task, self.num_blocks, self.size_divisor, self.in_chans)
-        return BlockNet(
-            kept, copy.deepcopy(self.head), self.task,
-            num_blocks=self.num_blocks, size_divisor=self.size_divisor, in_chans=self.in_chans,
-        )
+    def forward_from(self, features, n: int, side: Side):
+        """Required: run blocks n+1..N and the head from block-n ``features``; ``side`` is not mutated."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement forward_from()")
 
-    def as_trunk(self) -> "BlockNet":
-        """A copy of blocks 1..N without the head: the student of Step 1 (§5.1.1)."""
-        if self.first_block != 1:
-            raise ValueError(f"this network holds blocks {self.first_block}..{self.num_blocks} only; a trunk needs all")
-        trunk = copy.deepcopy(self)
-        trunk.head = None
-        return trunk
+    def tail(self, n: int) -> BlockNetwork:
+        """Required: a copy holding what :meth:`forward_from` at block >= n needs (blocks n+1..N, head)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement tail()")
+
+    def as_trunk(self) -> BlockTrunk:
+        """A :class:`BlockTrunk` copy of blocks 1..N without a head: the student of Step 1 (§5.1.1)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement as_trunk(), "
+                                  "so no student can be copied from it")
+
+
+class BlockTrunk(_Blocks):
+    """What a **student template** provides: blocks 1..N without a head (Steps 1, 2 and 4).
+
+    Required (``REQUIRED``):
+        num_blocks: N.
+        forward_until(x, n): blocks 1..n on image ``x`` -> (F^n, side). Step 2 trains block n on
+            ``forward_until(x, n - 1)``, so it must equal chaining :meth:`block` 1..n.
+        block(n): block n as a module ``block(x, side) -> x``, for every n in 1..N.
+
+    Optional, with defaults on this class:
+        size_divisor (1), in_chans (3).
+        reset_parameters(): random re-initialisation (``init="random"``).
+        feature_shapes(x), side_keys(x): shared with :class:`BlockNetwork`, each documented at
+            its method.
+    """
+
+    REQUIRED = ("num_blocks", "forward_until", "block")
 
     def reset_parameters(self) -> None:
         """Random re-initialisation of every sub-module that knows how (Step 1, random init)."""
@@ -184,52 +179,41 @@ class BlockNet(BlockNetwork):
                 m.reset_parameters()
 
 
-class _HeadOnly(BlockNet):
-    """The tail after block N: no blocks, only the head (a task branching out at block N)."""
+def missing_members(net: Any, interface: type = BlockNetwork) -> list:
+    """The members of ``interface.REQUIRED`` that ``net`` lacks, in declaration order.
 
-    def __init__(self, head, task, num_blocks, size_divisor, in_chans):
-        BlockNetwork.__init__(self)
-        self.num_blocks = num_blocks
-        self.blocks = nn.ModuleDict()
-        self.head = head
-        self.task = task
-        self.size_divisor = size_divisor
-        self.in_chans = in_chans
-
-    @property
-    def first_block(self) -> int:
-        return self.num_blocks + 1
+    A method counts as provided when ``net``'s class overrides the interface's stub (or default,
+    for :meth:`BlockTrunk.block`), an attribute when ``net`` has it.
+    """
+    missing = []
+    for name in interface.REQUIRED:
+        stub = getattr(interface, name, None)
+        provided = getattr(type(net), name, stub) is not stub if callable(stub) else hasattr(net, name)
+        if not provided:
+            missing.append(name)
+    return missing
 
 
-def _resolve_task(task):
-    if task is None:
-        return None
-    from ..losses import get_task  # same floor; imported late so models stay importable alone
+def protocol_gap(net: Any, interface: type = BlockNetwork) -> str | None:
+    """Why ``net`` does not speak ``interface``, for an error message; None when it does.
 
-    return get_task(task)
+    It must subclass the interface (whose defaults the amalgamation calls) and implement the
+    required members (:func:`missing_members`).
+    """
+    missing = missing_members(net, interface)
+    if missing:
+        return f"it does not implement {', '.join(missing)}"
+    if not isinstance(net, interface):
+        return f"{type(net).__name__} does not subclass it"
+    return None
 
 
 @torch.no_grad()
-def block_shapes(net: BlockNetwork, x: torch.Tensor) -> list:
+def block_shapes(net: BlockNetwork | BlockTrunk, x: torch.Tensor) -> list:
     """Feature shapes (C, H, W) of blocks 1..N on input ``x``; a multi-stream block gives a dict."""
     was_training = net.training
     net.eval()  # BatchNorm on a probe batch of one must not update or need batch statistics
     try:
-        if isinstance(net, BlockNet) and net.first_block == 1:  # one pass instead of N prefixes
-            check_input(x, net.in_chans, net.size_divisor)
-            side: Side = {}
-            shapes = []
-            for n in range(1, net.num_blocks + 1):
-                x = net.run_blocks(x, n, n, side)
-                shapes.append(tuple(x.shape[1:]))
-            return shapes
-        shapes = []
-        for n in range(1, net.num_blocks + 1):
-            feat, _ = net.forward_until(x, n)
-            if isinstance(feat, Mapping):
-                shapes.append({k: tuple(v.shape[1:]) for k, v in feat.items()})
-            else:
-                shapes.append(tuple(feat.shape[1:]))
-        return shapes
+        return net.feature_shapes(x)
     finally:
         net.train(was_training)

@@ -1,4 +1,4 @@
-"""Reference teachers: a VGG encoder-decoder in the block protocol (paper 001, §4 and §5.1.1).
+"""Reference teachers: a VGG encoder-decoder as a :class:`SequentialBlockNet` (paper 001, §4, §5.1.1).
 
 Layout for ``depth`` pooling stages (5 for SegNet-VGG16), N = 2 * depth blocks::
 
@@ -28,7 +28,7 @@ from torch import nn
 
 from ..losses import DepthTask, NormalTask, SegmentationTask, get_task
 from .heads import DepthHead, NormalHead, SegmentationHead
-from .protocol import BlockNet
+from .sequential import SequentialBlockNet
 
 __all__ = ["segnet_vgg", "unet_vgg", "VGGEncoderDecoder", "EncoderBlock", "DecoderBlock"]
 
@@ -56,8 +56,8 @@ def unet_vgg(task: str = "segmentation", *, width: float = 1.0, depth: int = 5, 
     return VGGEncoderDecoder(task, width=width, depth=depth, decoder="concat", **kwargs)
 
 
-class VGGEncoderDecoder(BlockNet):
-    """VGG encoder-decoder teacher with a task head, speaking the block protocol.
+class VGGEncoderDecoder(SequentialBlockNet):
+    """VGG encoder-decoder teacher with a task head: a chain of blocks (:class:`SequentialBlockNet`).
 
     Args:
         task: "segmentation", "depth", "normals", or a :class:`pyamalgam.losses.Task` (then
