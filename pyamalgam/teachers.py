@@ -10,24 +10,29 @@ trained on a labelled data set with the task's loss:
 
 Depth and normal losses are taken over the valid pixels of the sample's ``"mask"``; segmentation
 skips ``ignore_index``. A checkpoint is two files written atomically: ``PATH.safetensors`` (the
-weights) and ``PATH.json`` (what is needed to rebuild the network, plus the training record), so
-:func:`load_teacher` needs nothing else. The Amalgamator and the demo take what it returns.
+weights) and ``PATH.json`` (its :class:`TeacherRecord`: what is needed to rebuild the network, plus
+the training record), so :func:`load_teacher` needs nothing else. :func:`train_teacher` and
+:func:`load_teacher` return a :class:`Teacher`, the pair ``(net, record)``; the Amalgamator and
+the demo take its ``net``.
 
 Usage::
 
     from pyamalgam.data import SyntheticScenes
     from pyamalgam.teachers import train_teacher, load_teacher
 
-    net = train_teacher("depth", SyntheticScenes("train", resolution=(96, 128)), steps=500,
-                        out="teachers/depth.safetensors")
-    net = load_teacher("teachers/depth.safetensors")
+    net, record = train_teacher("depth", SyntheticScenes("train", resolution=(96, 128)), steps=500,
+                                out="teachers/depth.safetensors")
+    net, record = load_teacher("teachers/depth.safetensors")
+    record.loss_final, record.config["width"]
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -35,13 +40,27 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ._checks import check_int
 from ._io import atomic_write
 from .engine import Engine
 from .losses import depth_loss, normal_loss, segmentation_loss
 from .models import VGGEncoderDecoder, count_parameters
 
-__all__ = ["TASKS", "canonical_task", "build_teacher", "teacher_loss", "train_teacher", "save_teacher", "load_teacher",
-           "teacher_paths", "open_dataset", "parse_resolution", "run_train_teacher"]
+__all__ = [
+    "TASKS",
+    "Teacher",
+    "TeacherRecord",
+    "build_teacher",
+    "canonical_task",
+    "load_teacher",
+    "open_dataset",
+    "parse_resolution",
+    "run_train_teacher",
+    "save_teacher",
+    "teacher_loss",
+    "teacher_paths",
+    "train_teacher",
+]
 
 #: Canonical task names (the output names teachers use) and the aliases accepted for them.
 TASKS = ("seg", "depth", "normal")
@@ -51,6 +70,76 @@ _ALIASES = {"seg": "seg", "segmentation": "seg", "parsing": "seg",
 _MODEL_TASK = {"seg": "segmentation", "depth": "depth", "normal": "normals"}
 FORMAT = "pyamalgam-teacher"
 FORMAT_VERSION = 1
+#: Top-level keys of the JSON sidecar that are not :attr:`TeacherRecord.extra`.
+_RESERVED_KEYS = ("format", "version", "config", "weights", "train", "losses")
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherRecord:
+    """What a teacher is and how it was trained: the JSON sidecar of its checkpoint, as an object.
+
+    ``config`` holds the :func:`build_teacher` arguments (``task``, ``width``, ``depth``,
+    ``decoder``, ``num_classes``, ``num_bins``, ``max_depth``, ``in_chans``): ``build_teacher(
+    **record.config)`` rebuilds the network. The training fields are those of
+    :func:`train_teacher` plus what it measured (``seconds`` of training, the first loss, the mean
+    loss over the last tenth of the steps (at most 50), ``parameters``); they are None for a
+    teacher saved without training (``TeacherRecord(config=...)``). ``losses``: the loss of every
+    step. ``extra``: further top-level JSON keys stored with the checkpoint (the demo keeps its
+    cache key there).
+    """
+
+    config: dict[str, Any]
+    steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    optimizer: str | None = None
+    weight_decay: float | None = None
+    power: float | None = None
+    flip: bool | None = None
+    channels_last: bool | None = None
+    seed: int | None = None
+    data: str | None = None
+    seconds: float | None = None
+    loss_first: float | None = None
+    loss_final: float | None = None
+    parameters: int | None = None
+    losses: list[float] = dataclasses.field(default_factory=list)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.config, Mapping) or "task" not in self.config:
+            raise ValueError(f"TeacherRecord.config must be the build_teacher arguments, with 'task'; "
+                             f"got {self.config!r}")
+        clash = sorted(set(self.extra) & set(_RESERVED_KEYS))
+        if clash:
+            raise ValueError(f"TeacherRecord.extra must not hold the checkpoint's own keys {clash}")
+
+    @property
+    def task(self) -> str:
+        """``"seg"``, ``"depth"`` or ``"normal"``."""
+        return self.config["task"]
+
+    def to_json(self, weights_name: str) -> dict[str, Any]:
+        """The checkpoint's JSON document (``weights_name``: the weights file beside it)."""
+        train = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if f.name not in ("config", "losses", "extra") and getattr(self, f.name) is not None}
+        return {"format": FORMAT, "version": FORMAT_VERSION, "config": dict(self.config), "weights": weights_name,
+                "train": train, "losses": list(self.losses), **self.extra}
+
+    @classmethod
+    def from_json(cls, meta: Mapping[str, Any]) -> TeacherRecord:
+        """Inverse of :meth:`to_json` (training fields missing from the file stay None)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"config", "losses", "extra"}
+        train = {k: v for k, v in (meta.get("train") or {}).items() if k in names}
+        return cls(config=dict(meta["config"]), losses=list(meta.get("losses") or []),
+                   extra={k: v for k, v in meta.items() if k not in _RESERVED_KEYS}, **train)
+
+
+class Teacher(NamedTuple):
+    """A teacher network (in eval mode) and its :class:`TeacherRecord`; unpacks as ``net, record``."""
+
+    net: VGGEncoderDecoder
+    record: TeacherRecord
 
 
 def canonical_task(task: str) -> str:
@@ -105,7 +194,7 @@ def train_teacher(
     depth: int = 5,
     decoder: str = "unpool",
     num_bins: int = 64,
-    max_depth: Optional[float] = None,
+    max_depth: float | None = None,
     flip: bool = True,
     channels_last: bool = False,
     device=None,
@@ -113,9 +202,9 @@ def train_teacher(
     num_workers: int = 0,
     out=None,
     progress: bool = True,
-    data_name: Optional[str] = None,
-    callback: Optional[Callable[[int, float], None]] = None,
-) -> VGGEncoderDecoder:
+    data_name: str | None = None,
+    callback: Callable[[int, float], None] | None = None,
+) -> Teacher:
     """Train a reference teacher for ``task`` on a labelled ``dataset`` and optionally save it.
 
     Args:
@@ -139,12 +228,12 @@ def train_teacher(
         data_name: a description of the data for the checkpoint record.
         callback: called as ``callback(step, loss)`` after every step.
 
-    Returns the trained network in eval mode; ``net.train_record`` holds the per-step losses.
+    Returns a :class:`Teacher`: the trained network in eval mode and its :class:`TeacherRecord`
+    (settings, per-step losses, seconds).
     """
     task = canonical_task(task)
-    for name, value in (("steps", steps), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    steps = check_int("steps", steps, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
     if not lr > 0:
@@ -191,17 +280,14 @@ def train_teacher(
     run = engine.run_phase(net, step_loss, loader, steps, desc=f"teacher {task}", tag=f"teacher/{task}/loss", on_step=on_step)
     net.to(memory_format=torch.contiguous_format).eval()
     window = max(1, min(len(losses) // 10, 50))
-    net.train_record = {
-        "steps": steps, "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "weight_decay": weight_decay,
-        "power": power, "flip": flip, "channels_last": bool(channels_last), "seed": seed, "data": data_name or repr(dataset),
-        "seconds": round(run.seconds, 3), "loss_first": losses[0],
-        "loss_final": sum(losses[-window:]) / window, "losses": losses,
-        "parameters": count_parameters(net),
-    }
-    net.teacher_config = config
+    record = TeacherRecord(
+        config=config, steps=steps, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+        power=power, flip=flip, channels_last=bool(channels_last), seed=seed, data=data_name or repr(dataset),
+        seconds=round(run.seconds, 3), loss_first=losses[0], loss_final=sum(losses[-window:]) / window,
+        parameters=count_parameters(net), losses=losses)
     if out is not None:
-        save_teacher(net, out)
-    return net
+        save_teacher(net, out, record)
+    return Teacher(net, record)
 
 
 def teacher_paths(path) -> tuple[Path, Path]:
@@ -211,33 +297,28 @@ def teacher_paths(path) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
 
 
-def save_teacher(net: nn.Module, path, config: Optional[Mapping[str, Any]] = None,
-                 extra: Optional[Mapping[str, Any]] = None) -> Path:
-    """Write ``path`` (.safetensors weights) and its ``.json`` sidecar, each atomically.
+def save_teacher(net: nn.Module, path, record: TeacherRecord) -> Path:
+    """Write ``path`` (.safetensors weights) and its ``.json`` sidecar (``record``), each atomically.
 
-    ``config`` defaults to ``net.teacher_config`` (set by :func:`train_teacher`); ``extra`` is
-    stored alongside (the demo keeps its cache key there). The JSON is written last, so a
-    checkpoint whose JSON exists is complete. Returns the weights path.
+    ``record`` is the one :func:`train_teacher` returned, or ``TeacherRecord(config=...)`` (the
+    :func:`build_teacher` arguments) for a network trained elsewhere. The JSON is written last, so
+    a checkpoint whose JSON exists is complete. Returns the weights path.
     """
+    if not isinstance(record, TeacherRecord):
+        raise TypeError(f"save_teacher needs a TeacherRecord (from train_teacher, or TeacherRecord(config=the "
+                        f"build_teacher arguments)), got {type(record).__name__}")
     weights, meta_path = teacher_paths(path)
-    config = dict(config if config is not None else getattr(net, "teacher_config", None) or {})
-    if not config:
-        raise ValueError("save_teacher needs config= (the build_teacher arguments) for a network not made by train_teacher")
     state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
     atomic_write(weights, safetensors_bytes(state, metadata={"format": FORMAT}))
-    record = dict(getattr(net, "train_record", {}) or {})
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": config, "weights": weights.name,
-            "train": {k: v for k, v in record.items() if k != "losses"}, "losses": record.get("losses", []),
-            **dict(extra or {})}
-    atomic_write(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
+    atomic_write(meta_path, (json.dumps(record.to_json(weights.name), indent=1) + "\n").encode())
     return weights
 
 
-def load_teacher(path, device=None) -> VGGEncoderDecoder:
-    """Rebuild a teacher saved by :func:`save_teacher` (weights + JSON), in eval mode.
+def load_teacher(path, device=None) -> Teacher:
+    """Rebuild a teacher saved by :func:`save_teacher` (weights + JSON): a :class:`Teacher`, the
+    network in eval mode and its :class:`TeacherRecord`.
 
-    ``path`` is the ``.safetensors`` file, its ``.json`` sidecar, or their common stem. The
-    returned network has ``teacher_config`` and ``checkpoint_meta`` attributes.
+    ``path`` is the ``.safetensors`` file, its ``.json`` sidecar, or their common stem.
     """
     weights, meta_path = teacher_paths(path)
     if not meta_path.is_file() or not weights.is_file():
@@ -247,20 +328,18 @@ def load_teacher(path, device=None) -> VGGEncoderDecoder:
     if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
         raise ValueError(f"{meta_path} is not a {FORMAT} v{FORMAT_VERSION} checkpoint")
     with safe_open(str(weights), framework="pt", device="cpu") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    net = build_teacher(**meta["config"])
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
+    record = TeacherRecord.from_json(meta)
+    net = build_teacher(**record.config)
     net.load_state_dict(state, strict=True)
-    net.teacher_config = dict(meta["config"])
-    net.checkpoint_meta = meta
-    net.train_record = dict(meta.get("train", {}), losses=meta.get("losses", []))
     if device is not None:
         net.to(device)
-    return net.eval()
+    return Teacher(net.eval(), record)
 
 
 # ---------------------------------------------------------------------- data sets by name
 
-def parse_resolution(text) -> Optional[tuple]:
+def parse_resolution(text) -> tuple | None:
     """``"96x128"`` -> (96, 128); ``"64"`` -> (64, 64); None stays None."""
     if text is None or isinstance(text, tuple):
         return text
@@ -275,7 +354,7 @@ def parse_resolution(text) -> Optional[tuple]:
     return tuple(parts)
 
 
-def open_dataset(spec: str, split: str, *, resolution=None, size: Optional[int] = None, seed: int = 0):
+def open_dataset(spec: str, split: str, *, resolution=None, size: int | None = None, seed: int = 0):
     """A labelled data set from a spec: ``synthetic``, ``nyuv2:/path`` or ``cityscapes:/path``.
 
     ``split`` is ``"train"``, ``"unlabelled"`` or ``"test"``; the real data sets have no
@@ -298,15 +377,14 @@ def open_dataset(spec: str, split: str, *, resolution=None, size: Optional[int] 
     raise ValueError(f"unknown data spec {spec!r}; expected 'synthetic', 'nyuv2:/path' or 'cityscapes:/path'")
 
 
-def run_train_teacher(task: str, out, *, data: str = "synthetic", resolution=None, size: Optional[int] = None,
+def run_train_teacher(task: str, out, *, data: str = "synthetic", resolution=None, size: int | None = None,
                       **kwargs) -> dict:
     """The ``pyamalgam train-teacher`` command: open the data, train, save, return a summary."""
     task = canonical_task(task)  # fail on a bad task before any data is opened
     resolution = parse_resolution(resolution)
     dataset = open_dataset(data, "train", resolution=resolution, size=size, seed=kwargs.get("seed", 0))
-    net = train_teacher(task, dataset, out=out, data_name=str(data), **kwargs)
+    record = train_teacher(task, dataset, out=out, data_name=str(data), **kwargs).record
     weights, meta = teacher_paths(out)
-    record = net.train_record
-    return {"task": task, "weights": str(weights), "config": str(meta), "parameters": record["parameters"],
-            "steps": record["steps"], "loss_first": record["loss_first"], "loss_final": record["loss_final"],
-            "seconds": record["seconds"]}
+    return {"task": task, "weights": str(weights), "config": str(meta), "parameters": record.parameters,
+            "steps": record.steps, "loss_first": record.loss_first, "loss_final": record.loss_final,
+            "seconds": record.seconds}

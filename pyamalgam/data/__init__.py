@@ -16,12 +16,13 @@ and exposes ``num_classes``, ``class_names``, ``ignore_index``, ``max_depth`` an
 * :class:`NYUv2`: the pre-processed multi-task NYU Depth v2 ``.npy`` release;
 * :class:`Cityscapes`: official layout, depth from disparity, no normals.
 
-This sub-package imports nothing else from pyamalgam (no compiled extension needed).
+Of pyamalgam, this sub-package imports only the standalone helpers ``_checks`` and ``_io`` (no
+compiled extension needed).
 """
 from ._common import SAMPLE_KEYS
 from .cityscapes import CATEGORY_NAMES, TRAIN_ID_NAMES, Cityscapes
 from .nyuv2 import NYUV2_CLASS_NAMES, NYUv2
 from .synthetic import SceneSpec, SyntheticScenes
 
-__all__ = ["SyntheticScenes", "NYUv2", "Cityscapes", "SceneSpec", "SAMPLE_KEYS",
-           "NYUV2_CLASS_NAMES", "TRAIN_ID_NAMES", "CATEGORY_NAMES"]
+__all__ = ["CATEGORY_NAMES", "NYUV2_CLASS_NAMES", "SAMPLE_KEYS", "TRAIN_ID_NAMES", "Cityscapes", "NYUv2", "SceneSpec",
+           "SyntheticScenes"]

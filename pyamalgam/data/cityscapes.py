@@ -11,18 +11,28 @@ Expected layout (the ``leftImg8bit_trainvaltest.zip``, ``gtFine_trainvaltest.zip
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ._common import (Sample, apply_transform, check_choice, check_index, check_resolution,
-                      check_transform, resize_sample)
+from .._checks import as_real
+from ._common import (
+    DataFileError,
+    Sample,
+    apply_transform,
+    check_choice,
+    check_index,
+    check_resolution,
+    check_transform,
+    resize_sample,
+)
 
-__all__ = ["Cityscapes", "TRAIN_ID_NAMES", "CATEGORY_NAMES", "LABEL_ID_TO_TRAIN_ID", "LABEL_ID_TO_CATEGORY"]
+__all__ = ["CATEGORY_NAMES", "LABEL_ID_TO_CATEGORY", "LABEL_ID_TO_TRAIN_ID", "TRAIN_ID_NAMES", "Cityscapes"]
 
 #: The 19 evaluation classes ("train ids") of Cityscapes, by train id.
 TRAIN_ID_NAMES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
@@ -66,21 +76,31 @@ _SUFFIX = {
 }
 
 
-def _read_png(path: Path) -> np.ndarray:
+def _read_png(path: Path, size: tuple[int, int] | None = None, what: str = "file") -> np.ndarray:
+    """Decode a PNG; with ``size`` (H, W), check the header's size before decoding any pixel."""
     try:
         from PIL import Image
     except ImportError as e:  # pragma: no cover - pillow is a dependency of pyamalgam
         raise ImportError("reading Cityscapes needs Pillow: pip install pillow") from e
     try:
         with Image.open(path) as img:
+            if size is not None and (img.height, img.width) != tuple(size):
+                raise DataFileError(f"Cityscapes {what} {str(path)!r} must be of size {tuple(size)} like its "
+                                    f"image, got {(img.height, img.width)}", path)
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L"):
                 return np.array(img, dtype=np.uint16)
             return np.array(img)
+    except DataFileError:
+        raise
     except FileNotFoundError:
         raise FileNotFoundError(f"Cityscapes file {str(path)!r} not found") from None
-    except OSError as e:
-        raise OSError(f"Cityscapes file {str(path)!r} could not be read as a PNG: {e}") from e
+    # A corrupt PNG can make Pillow raise almost anything (OSError, SyntaxError, zlib.error,
+    # struct.error, DecompressionBombError for a header claiming billions of pixels, ...):
+    # whatever it is, the file is unreadable, and the message must say which file.
+    except Exception as e:
+        raise DataFileError(f"Cityscapes {what} {str(path)!r} could not be read as a PNG "
+                            f"({type(e).__name__}: {e})", path) from e
 
 
 class Cityscapes(Dataset):
@@ -117,17 +137,18 @@ class Cityscapes(Dataset):
     num_classes = len(TRAIN_ID_NAMES)
     max_depth = 100.0
 
-    def __init__(self, root: Union[str, os.PathLike], split: str = "train", target: str = "train_ids",
-                 resolution: Optional[Tuple[int, int]] = None, max_depth: float = 100.0,
-                 transform: Optional[Callable[[Sample], Sample]] = None) -> None:
+    def __init__(self, root: str | os.PathLike, split: str = "train", target: str = "train_ids",
+                 resolution: tuple[int, int] | None = None, max_depth: float = 100.0,
+                 transform: Callable[[Sample], Sample] | None = None) -> None:
         if not isinstance(root, (str, os.PathLike)):
             raise TypeError(f"root must be a path (str or os.PathLike), got {type(root).__name__}")
         self.split = check_choice("split", split, ("train", "val", "test"))
         self.target = check_choice("target", target, ("train_ids", "categories"))
         self.resolution = check_resolution("resolution", resolution, allow_none=True)
-        if isinstance(max_depth, bool) or not isinstance(max_depth, (int, float)) or not max_depth > 0:
+        depth_limit = as_real(max_depth)
+        if depth_limit is None or not depth_limit > 0:
             raise ValueError(f"max_depth must be a number > 0 (metres), got {max_depth!r}")
-        self.max_depth = float(max_depth)
+        self.max_depth = depth_limit
         check_transform(transform)
         self.transform = transform
         if target == "train_ids":
@@ -142,8 +163,8 @@ class Cityscapes(Dataset):
                 f"folder with {', '.join(k + '/' for k in _SUFFIX)}")
         self._stems = self._scan()
 
-    def _scan(self) -> List[Tuple[str, str]]:
-        found: Dict[str, set] = {}
+    def _scan(self) -> list[tuple[str, str]]:
+        found: dict[str, set] = {}
         for kind, suffix in _SUFFIX.items():
             base = self.root / kind / self.split
             if not base.is_dir():
@@ -186,7 +207,7 @@ class Cityscapes(Dataset):
         """``{city}_{seq}_{frame}`` of sample ``index``."""
         return self._stems[check_index(index, len(self), "Cityscapes")][1]
 
-    def _camera(self, path: Path) -> Tuple[float, float]:
+    def _camera(self, path: Path) -> tuple[float, float]:
         try:
             cam = json.loads(path.read_text())
             baseline, fx = float(cam["extrinsic"]["baseline"]), float(cam["intrinsic"]["fx"])

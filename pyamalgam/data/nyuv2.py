@@ -14,23 +14,37 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ._common import (Sample, apply_transform, check_choice, check_index, check_resolution,
-                      check_transform, resize_sample)
+from ._common import (
+    DataFileError,
+    Sample,
+    apply_transform,
+    check_choice,
+    check_index,
+    check_resolution,
+    check_transform,
+    read_npy,
+    resize_sample,
+)
 
-__all__ = ["NYUv2", "NYUV2_CLASS_NAMES"]
+__all__ = ["NYUV2_CLASS_NAMES", "NYUv2"]
 
 #: The 13 classes of Couprie et al. (2013) used by the multi-task NYUv2 release, by id.
 NYUV2_CLASS_NAMES = ("bed", "books", "ceiling", "chair", "floor", "furniture", "objects",
                      "picture", "sofa", "table", "tv", "wall", "window")
 _FOLDERS = ("image", "label", "depth", "normal")
-_NPY = re.compile(r"^(\d+)\.npy$")
+# Sample files are named by their index, canonically: "0.npy", "1.npy", ... A name made of
+# digits that is not canonical ("01.npy") is refused at construction: mapping it to index 1 would
+# make the loader look for "1.npy" later, and two spellings of one index could both exist.
+_NUMBERED = re.compile(r"^([0-9]+)\.npy$", re.ASCII)  # ASCII: int() also parses other scripts' digits
+#: (dtype kinds, numbers of dimensions) each folder's arrays may have.
+_LAYOUT = {"image": ("uf", (3,)), "label": ("uif", (2, 3)), "depth": ("f", (2, 3)), "normal": ("f", (3,))}
 
 
 class NYUv2(Dataset):
@@ -54,8 +68,11 @@ class NYUv2(Dataset):
     ``normal_signs=(sx, sy, sz)`` (each +1 or -1) to flip axes.
 
     The index set is checked at construction: every folder must hold the same ``{i}.npy`` files
-    for contiguous ``i = 0..N-1``; the arrays themselves are checked when loaded and errors name
-    the file.
+    for contiguous ``i = 0..N-1``, named canonically (``1.npy``; ``01.npy`` raises
+    :class:`~pyamalgam.data._common.DataFileError`). The arrays are checked when loaded: the
+    ``.npy`` header first (dtype, dimensions, and that the file holds the bytes it promises),
+    then shapes, finiteness, value ranges and label ids; errors (``DataFileError``, a
+    ``ValueError`` and an ``OSError``) name the file.
     """
 
     class_names = NYUV2_CLASS_NAMES
@@ -65,10 +82,10 @@ class NYUv2(Dataset):
     max_depth = 10.0
     tasks = ("seg", "depth", "normal")
 
-    def __init__(self, root: Union[str, os.PathLike], split: str = "train",
-                 resolution: Optional[Tuple[int, int]] = None,
-                 transform: Optional[Callable[[Sample], Sample]] = None,
-                 normal_signs: Tuple[float, float, float] = (1.0, 1.0, 1.0)) -> None:
+    def __init__(self, root: str | os.PathLike, split: str = "train",
+                 resolution: tuple[int, int] | None = None,
+                 transform: Callable[[Sample], Sample] | None = None,
+                 normal_signs: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> None:
         if not isinstance(root, (str, os.PathLike)):
             raise TypeError(f"root must be a path (str or os.PathLike), got {type(root).__name__}")
         split = "val" if split == "test" else split
@@ -94,7 +111,7 @@ class NYUv2(Dataset):
             if not path.is_dir():
                 raise FileNotFoundError(f"NYUv2 folder {str(path)!r} not found (need {', '.join(_FOLDERS)} "
                                         f"under {str(base)!r})")
-            indices[folder] = {int(m.group(1)) for m in map(_NPY.match, os.listdir(path)) if m}
+            indices[folder] = _indices(path)
         ref = indices["image"]
         for folder in _FOLDERS[1:]:
             missing = sorted(ref - indices[folder])
@@ -123,14 +140,13 @@ class NYUv2(Dataset):
     def __repr__(self) -> str:
         return f"NYUv2(root={str(self.root)!r}, split={self.split!r}, size={self._size})"
 
-    def _load(self, folder: str, index: int) -> Tuple[np.ndarray, Path]:
+    def _load(self, folder: str, index: int) -> tuple[np.ndarray, Path]:
         path = self._base / folder / f"{index}.npy"
+        kinds, ndims = _LAYOUT[folder]
         try:
-            return np.load(path, allow_pickle=False), path
+            return read_npy(path, f"NYUv2 {folder}", kinds, ndims), path
         except FileNotFoundError:
             raise FileNotFoundError(f"NYUv2 file {str(path)!r} disappeared since the data set was opened") from None
-        except ValueError as e:
-            raise ValueError(f"NYUv2 file {str(path)!r} could not be read as a .npy array: {e}") from e
 
     def __getitem__(self, index) -> Sample:
         i = check_index(index, self._size, "NYUv2")
@@ -139,43 +155,39 @@ class NYUv2(Dataset):
         depth, dpath = self._load("depth", i)
         normal, npath = self._load("normal", i)
 
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"NYUv2 image {str(ipath)!r} must have shape (H, W, 3), got {image.shape}")
+        if image.shape[2] != 3:
+            raise DataFileError(f"NYUv2 image {str(ipath)!r} must have shape (H, W, 3), got {image.shape}", ipath)
         h, w = image.shape[:2]
         if image.dtype == np.uint8:
             image = image.astype(np.float32) / 255.0
         elif np.issubdtype(image.dtype, np.floating):
+            _check_finite(image, "image", ipath)  # min() of an array holding NaN is NaN: no range check sees it
             image = image.astype(np.float32)
             lo, hi = float(image.min()), float(image.max())
             if lo < -1e-3 or hi > 1.0 + 1e-3:
-                raise ValueError(f"NYUv2 image {str(ipath)!r} must hold values in [0, 1], got range "
-                                 f"[{lo:.4g}, {hi:.4g}] (a 0..255 float image needs dividing by 255)")
+                raise DataFileError(f"NYUv2 image {str(ipath)!r} must hold values in [0, 1], got range "
+                                    f"[{lo:.4g}, {hi:.4g}] (a 0..255 float image needs dividing by 255)", ipath)
             image = np.clip(image, 0.0, 1.0)
         else:
-            raise ValueError(f"NYUv2 image {str(ipath)!r} must be float in [0, 1] or uint8, got {image.dtype}")
+            raise DataFileError(f"NYUv2 image {str(ipath)!r} must be float in [0, 1] or uint8, got {image.dtype}",
+                                ipath)
 
         if label.ndim == 3 and label.shape[2] == 1:
             label = label[..., 0]
         if label.shape != (h, w):
-            raise ValueError(f"NYUv2 label {str(lpath)!r} must have shape {(h, w)} like its image, got {label.shape}")
-        if not (np.issubdtype(label.dtype, np.integer) or np.issubdtype(label.dtype, np.floating)):
-            raise ValueError(f"NYUv2 label {str(lpath)!r} must be numeric, got {label.dtype}")
-        seg = np.rint(label).astype(np.int64) if np.issubdtype(label.dtype, np.floating) else label.astype(np.int64)
-        if np.issubdtype(label.dtype, np.floating) and not np.array_equal(seg, label):
-            raise ValueError(f"NYUv2 label {str(lpath)!r} holds non-integer values")
-        bad = (seg < -1) | (seg >= self.num_classes)
-        if bad.any():
-            raise ValueError(f"NYUv2 label {str(lpath)!r} holds ids outside -1..{self.num_classes - 1}, "
-                             f"e.g. {int(seg[bad][0])}")
-        seg[seg == -1] = self.ignore_index
+            raise DataFileError(f"NYUv2 label {str(lpath)!r} must have shape {(h, w)} like its image, "
+                                f"got {label.shape}", lpath)
+        seg = self._classes(label, lpath)
 
         if depth.ndim == 3 and depth.shape[2] == 1:
             depth = depth[..., 0]
         if depth.shape != (h, w):
-            raise ValueError(f"NYUv2 depth {str(dpath)!r} must have shape {(h, w, 1)} or {(h, w)}, got {depth.shape}")
+            raise DataFileError(f"NYUv2 depth {str(dpath)!r} must have shape {(h, w, 1)} or {(h, w)}, "
+                                f"got {depth.shape}", dpath)
         depth = depth.astype(np.float32)
         if normal.shape != (h, w, 3):
-            raise ValueError(f"NYUv2 normal {str(npath)!r} must have shape {(h, w, 3)}, got {normal.shape}")
+            raise DataFileError(f"NYUv2 normal {str(npath)!r} must have shape {(h, w, 3)}, got {normal.shape}",
+                                npath)
         normal = np.moveaxis(normal.astype(np.float32), -1, 0)
         norm = np.sqrt((normal.astype(np.float64) ** 2).sum(axis=0))
         mask = np.isfinite(depth) & (depth > 0) & np.isfinite(norm) & (norm > 1e-6)
@@ -192,3 +204,43 @@ class NYUv2(Dataset):
         if self.resolution is not None:
             sample = resize_sample(sample, self.resolution)
         return apply_transform(sample, self.transform)
+
+    def _classes(self, label: np.ndarray, path: Path) -> np.ndarray:
+        """Stored ids (-1..12, int or integral float) as int64 with -1 mapped to ignore_index."""
+        ids = label
+        if np.issubdtype(label.dtype, np.floating):
+            _check_finite(label, "label", path)  # NaN would cast to an arbitrary int64
+            ids = np.rint(label).astype(np.int64)
+            if not np.array_equal(ids, label):
+                raise DataFileError(f"NYUv2 label {str(path)!r} holds non-integer values", path)
+        bad = (ids < -1) | (ids >= self.num_classes)  # on the stored ints: a uint64 id could wrap in a cast
+        if bad.any():
+            raise DataFileError(f"NYUv2 label {str(path)!r} holds ids outside -1..{self.num_classes - 1}, "
+                                f"e.g. {ids[bad][0]}", path)
+        seg = ids.astype(np.int64)
+        seg[seg == -1] = self.ignore_index
+        return seg
+
+
+def _indices(folder: Path) -> set[int]:
+    """The sample indices of the ``{i}.npy`` files in ``folder``; a non-canonical name raises."""
+    found = set()
+    for name in os.listdir(folder):
+        m = _NUMBERED.match(name)
+        if not m:
+            continue  # not a sample file (README, .DS_Store, ...)
+        index = int(m.group(1))
+        if name != f"{index}.npy":
+            raise DataFileError(f"NYUv2 file {str(folder / name)!r} is not named by its index: sample files must "
+                                f"be named 0.npy, 1.npy, ... without leading zeros (rename it {index}.npy)",
+                                folder / name)
+        found.add(index)
+    return found
+
+
+def _check_finite(values: np.ndarray, what: str, path: Path) -> None:
+    bad = ~np.isfinite(values)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0][:2])
+        raise DataFileError(f"NYUv2 {what} {str(path)!r} holds {int(bad.sum())} NaN or infinite value(s), "
+                            f"e.g. at pixel {where}", path)

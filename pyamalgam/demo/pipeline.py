@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from .._checks import as_int
 from .._io import atomic_write
 from ..amalgamation.branch import decoder_candidates
 from ..models import count_parameters
@@ -37,11 +38,12 @@ class _Clock:
 
 
 def _stage_teachers(tasks, cfg, train, data_key, out, device, seed, clock):
-    teachers, keys = {}, {}
+    teachers, records, keys = {}, {}, {}
     for task in tasks:
-        teachers[task], keys[task], cached = _stage_teacher(task, cfg, train, data_key, out, device, seed, clock.progress)
+        teachers[task], records[task], keys[task], cached = _stage_teacher(task, cfg, train, data_key, out, device,
+                                                                           seed, clock.progress)
         clock.mark(f"teacher {task}", cached)
-    return teachers, keys
+    return teachers, records, keys
 
 
 def _stage_targetnet2(teachers, keys, cfg, unlabelled, out, device, seed, clock):
@@ -85,17 +87,17 @@ def _stage_targetnet3(teachers, keys, tn2, target2, cfg, unlabelled, out, device
     return {"tn3_offline": (off, net_off), "tn3_online": (on, net_on)}
 
 
-def _evaluate_all(teachers, tn2, target2, variants, tn3, test, cfg, device) -> dict:
+def _evaluate_all(teachers, records, tn2, target2, variants, tn3, test, cfg, device) -> dict:
     """Test metrics of every network: the entries of Table 1 and Table 2."""
     def ev(net, tasks):
         return evaluate(net, test, tasks, device=device, batch_size=cfg.eval_batch)
 
     out = {"teachers": {}, "targets": {}}
     for task, net in teachers.items():
-        record = net.train_record
+        record = records[task]
         out["teachers"][task] = {"name": NAMES[task], "params": count_parameters(net), "metrics": ev(net, (task,))[task],
-                                 "train_loss_first": record.get("loss_first"), "train_loss_final": record.get("loss_final"),
-                                 "train_seconds": record.get("seconds")}
+                                 "train_loss_first": record.loss_first, "train_loss_final": record.loss_final,
+                                 "train_seconds": record.seconds}
     eq7 = {"label": "TargetNet (Eq. 7)", "points": tn2.results["eq7"]["points"], "params": count_parameters(target2),
            "metrics": ev(target2, ("seg", "depth"))}
     out["targets"]["tn2_eq7"] = eq7
@@ -132,8 +134,10 @@ def run_demo(out="runs/demo", *, device=None, quick: bool = False, seed: int = 0
 
     t_start = time.perf_counter()
     device = _default_device(device)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    checked = as_int(seed)
+    if checked is None or checked < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    seed = checked  # a plain int: it is written to config.json
     cfg = config if config is not None else demo_config(quick, device)
     cfg = (dataclasses.replace(cfg, data=data) if data is not None else cfg).validate()
     if threads is not None:
@@ -152,7 +156,7 @@ def run_demo(out="runs/demo", *, device=None, quick: bool = False, seed: int = 0
     tasks = tuple(t for t in TASKS if t in splits["test"].tasks)
     if tasks[:2] != ("seg", "depth"):
         raise ValueError(f"the demo needs segmentation and depth ground truth; {cfg.data} has {tasks}")
-    teachers, keys = _stage_teachers(tasks, cfg, splits["train"], data_keys["train"], out, device, seed, clock)
+    teachers, records, keys = _stage_teachers(tasks, cfg, splits["train"], data_keys["train"], out, device, seed, clock)
     keys["unlabelled"] = data_keys["unlabelled"]  # what the students learn from
     tn2, target2, variants = _stage_targetnet2(teachers, keys, cfg, splits["unlabelled"], out, device, seed, clock)
     tn3 = {}
@@ -162,7 +166,7 @@ def run_demo(out="runs/demo", *, device=None, quick: bool = False, seed: int = 0
     results = {"config": cfg.to_json(), "device": str(device), "seed": seed, "quick": quick,
                "torch": torch.__version__, "threads": torch.get_num_threads(),
                "data": {split: len(ds) for split, ds in splits.items()}, "num_blocks": tn2.am.num_blocks,
-               **_evaluate_all(teachers, tn2, target2, variants, tn3, splits["test"], cfg, device)}
+               **_evaluate_all(teachers, records, tn2, target2, variants, tn3, splits["test"], cfg, device)}
     clock.mark("evaluation")
     pairs = {t: ((NAMES[t], teachers[t]), ("TargetNet-2", target2)) for t in ("seg", "depth")}
     if tn3:

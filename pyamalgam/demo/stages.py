@@ -6,6 +6,7 @@ foreign file makes the stage run again instead of failing the run.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -13,7 +14,6 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors import SafetensorError
@@ -25,7 +25,13 @@ from ..amalgamation import Amalgamator
 from ..amalgamation.branch import decoder_candidates
 from ..engine import load_checkpoint, save_checkpoint
 from ..models import count_parameters
-from ..teachers import load_teacher, open_dataset, save_teacher, teacher_paths, train_teacher
+from ..teachers import (
+    load_teacher,
+    open_dataset,
+    save_teacher,
+    teacher_paths,
+    train_teacher,
+)
 from .config import CACHE_VERSION, SEED_OFFSETS, DemoConfig
 
 __all__ = ["InMemoryScenes", "cached_stage"]
@@ -34,7 +40,7 @@ __all__ = ["InMemoryScenes", "cached_stage"]
 _UNREADABLE = (OSError, ValueError, KeyError, SafetensorError)
 
 
-def cached_stage(path: Path, key: str) -> Optional[tuple]:
+def cached_stage(path: Path, key: str) -> tuple | None:
     """(tensors, meta) of the stage file at ``path`` if it was written for ``key``, else None
     (missing, written for other settings, or unreadable: the stage then runs again)."""
     if not path.is_file():
@@ -126,21 +132,25 @@ def _stage_data(cfg: DemoConfig, out: Path, seed: int, progress: bool):
 
 
 def _stage_teacher(task, cfg, train, data_key, out: Path, device, seed, progress):
+    """Train (or load the cached) teacher for ``task``: (net, TeacherRecord, key, cached)."""
     path = out / "teachers" / f"{task}.safetensors"
     key = _key("teacher", task, data_key, cfg.width, cfg.depth, cfg.num_bins, cfg.teacher_steps, cfg.teacher_lr,
                cfg.batch_size, cfg.channels_last, seed)
     weights, meta_path = teacher_paths(path)
     if weights.is_file() and _read_json(meta_path).get("demo_key") == key:
         try:
-            return load_teacher(path, device=device), key, True
+            net, record = load_teacher(path, device=device)
+            return net, record, key, True
         except _UNREADABLE:  # torn weights: train again
             pass
-    net = train_teacher(task, train, steps=cfg.teacher_steps, batch_size=cfg.batch_size, lr=cfg.teacher_lr,
-                        width=cfg.width, depth=cfg.depth, num_bins=cfg.num_bins, channels_last=cfg.channels_last, device=device,
-                        seed=seed + SEED_OFFSETS[f"teacher/{task}"], num_workers=cfg.num_workers, progress=progress,
-                        data_name=f"{cfg.data} train ({len(train)} images, {cfg.resolution[0]}x{cfg.resolution[1]})")
-    save_teacher(net, path, extra={"demo_key": key})
-    return net, key, False
+    net, record = train_teacher(
+        task, train, steps=cfg.teacher_steps, batch_size=cfg.batch_size, lr=cfg.teacher_lr, width=cfg.width,
+        depth=cfg.depth, num_bins=cfg.num_bins, channels_last=cfg.channels_last, device=device,
+        seed=seed + SEED_OFFSETS[f"teacher/{task}"], num_workers=cfg.num_workers, progress=progress,
+        data_name=f"{cfg.data} train ({len(train)} images, {cfg.resolution[0]}x{cfg.resolution[1]})")
+    record = dataclasses.replace(record, extra={**record.extra, "demo_key": key})
+    save_teacher(net, path, record)
+    return net, record, key, False
 
 
 def _loader(dataset, cfg, seed):

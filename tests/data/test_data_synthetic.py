@@ -1,14 +1,16 @@
 """SyntheticScenes: sample contract, determinism, split disjointness, exact ground truth, caching."""
-import math
-import os
+import pickle
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
 from torch.utils.data import DataLoader
 
 from pyamalgam.data import SAMPLE_KEYS, SyntheticScenes
 from pyamalgam.data import synthetic as S
+from pyamalgam.data.synthetic import rendering
 
 RES = (48, 64)
 
@@ -111,7 +113,7 @@ def test_scene_independent_of_resolution():
 def test_culling_is_exact(monkeypatch):
     ds = SyntheticScenes("train", size=4, resolution=(30, 40), seed=7)
     fast = [ds[i] for i in range(4)]
-    monkeypatch.setattr(S, "_CULLING", False)
+    monkeypatch.setattr(rendering, "_CULLING", False)
     for i in range(4):
         slow = ds[i]
         for k in SAMPLE_KEYS:
@@ -273,13 +275,13 @@ def test_len_and_index_errors(ds):
 
 
 @pytest.mark.parametrize("kwargs, exc, msg", [
-    (dict(split="validation"), ValueError, r"split must be one of 'train', 'unlabelled', 'test'"),
-    (dict(size=-1), ValueError, r"size must be >= 0, got -1"),
-    (dict(size=2.5), TypeError, r"size must be an int"),
-    (dict(resolution=(0, 5)), ValueError, r"resolution must be a pair \(H, W\) of positive ints"),
-    (dict(resolution=(4, 5, 6)), TypeError, r"resolution must be a pair"),
-    (dict(seed=-1), ValueError, r"seed must be >= 0"),
-    (dict(transform=3), TypeError, r"transform must be callable"),
+    ({"split": "validation"}, ValueError, r"split must be one of 'train', 'unlabelled', 'test'"),
+    ({"size": -1}, ValueError, r"size must be >= 0, got -1"),
+    ({"size": 2.5}, TypeError, r"size must be an int"),
+    ({"resolution": (0, 5)}, ValueError, r"resolution must be a pair \(H, W\) of positive ints"),
+    ({"resolution": (4, 5, 6)}, TypeError, r"resolution must be a pair"),
+    ({"seed": -1}, ValueError, r"seed must be >= 0"),
+    ({"transform": 3}, TypeError, r"transform must be callable"),
 ])
 def test_argument_errors(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):
@@ -289,6 +291,10 @@ def test_argument_errors(kwargs, exc, msg):
 def test_defaults_and_square_resolution():
     d = SyntheticScenes("unlabelled", resolution=16)
     assert len(d) == S.DEFAULT_SIZES["unlabelled"] and d.resolution == (16, 16)
+    assert SyntheticScenes(resolution=np.int64(16)).resolution == (16, 16)
+    assert SyntheticScenes(resolution=torch.Size([8, 12])).resolution == (8, 12)
+    with pytest.raises(TypeError, match="resolution must be a pair"):
+        SyntheticScenes(resolution=True)
     assert d[0]["image"].shape == (3, 16, 16)
     assert "unlabelled" in repr(d)
 
@@ -310,24 +316,95 @@ def test_dataloader_batches_and_worker_determinism():
             assert torch.equal(a[k], b[k])
 
 
+def _cache_files(root):
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def _assert_same_sample(a, b):
+    assert tuple(a) == tuple(b) == SAMPLE_KEYS
+    for k in SAMPLE_KEYS:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
 def test_cache_dir_roundtrip_atomic_and_recovers(tmp_path):
     d = SyntheticScenes("train", size=3, resolution=(12, 16), cache_dir=tmp_path / "cache")
     fresh = SyntheticScenes("train", size=3, resolution=(12, 16))[1]
     first = d[1]
-    files = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
-    assert len(files) == 1 and files[0].suffix == ".pt"
+    files = _cache_files(tmp_path / "cache")
+    assert len(files) == 1 and files[0].suffix == ".safetensors"
     assert "12x16" in str(files[0]) and "train" in str(files[0])
     cached = d[1]
-    for k in SAMPLE_KEYS:
-        assert torch.equal(first[k], fresh[k]) and torch.equal(cached[k], fresh[k])
+    _assert_same_sample(first, fresh)
+    _assert_same_sample(cached, fresh)
     # a cached file is read, not re-rendered
-    torch.save({**fresh, "image": torch.zeros_like(fresh["image"])}, files[0])
+    files[0].write_bytes(safetensors_bytes({**fresh, "image": torch.zeros_like(fresh["image"])},
+                                           metadata={"format": "pyamalgam-synthetic-sample"}))
     assert d[1]["image"].abs().sum() == 0
     # a corrupt file is re-rendered and replaced
-    files[0].write_bytes(b"not a torch file")
+    files[0].write_bytes(b"not a safetensors file")
     assert torch.equal(d[1]["image"], fresh["image"])
-    assert torch.equal(torch.load(files[0], weights_only=True)["image"], fresh["image"])
+    with safe_open(str(files[0]), framework="pt") as f:
+        assert torch.equal(f.get_tensor("image"), fresh["image"])
     assert not [p for p in (tmp_path / "cache").rglob("*.tmp")]
+
+
+def test_cache_files_are_safetensors_and_nothing_is_pickled(tmp_path, monkeypatch):
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("the sample cache must not pickle or unpickle")
+
+    for name in ("save", "load"):
+        monkeypatch.setattr(torch, name, no_pickle)
+    for name in ("dump", "dumps", "load", "loads"):
+        monkeypatch.setattr(pickle, name, no_pickle)
+    d = SyntheticScenes("test", size=2, resolution=(10, 14), seed=5, cache_dir=tmp_path)
+    written = d[0]
+    (path,) = _cache_files(tmp_path)
+    data = path.read_bytes()
+    assert not data.startswith(b"\x80") and not data.startswith(b"PK")  # neither a pickle nor torch's zip
+    with safe_open(str(path), framework="pt") as f:
+        assert sorted(f.keys()) == sorted(SAMPLE_KEYS)
+        assert f.metadata()["format"] == "pyamalgam-synthetic-sample"
+    _assert_same_sample(d[0], written)  # read back through safetensors only
+
+
+def test_cached_and_uncached_samples_are_identical(tmp_path):
+    kwargs = {"split": "unlabelled", "size": 6, "resolution": (20, 28), "seed": 9}
+    plain = SyntheticScenes(**kwargs)
+    cached = SyntheticScenes(**kwargs, cache_dir=tmp_path)
+    for i in range(6):
+        _assert_same_sample(cached[i], plain[i])  # rendered, then written
+    assert len(_cache_files(tmp_path)) == 6
+    again = SyntheticScenes(**kwargs, cache_dir=tmp_path)  # a new data set on the same cache
+    for i in range(6):
+        _assert_same_sample(again[i], plain[i])  # read from the files
+    # another resolution or seed gets its own files
+    SyntheticScenes(**{**kwargs, "resolution": (10, 14)}, cache_dir=tmp_path)[0]
+    SyntheticScenes(**{**kwargs, "seed": 10}, cache_dir=tmp_path)[0]
+    assert len(_cache_files(tmp_path)) == 8
+
+
+@pytest.mark.parametrize("damage", ["torn", "empty", "header_only", "garbage", "foreign", "wrong_shape", "pickle"])
+def test_a_torn_or_foreign_cache_file_is_rendered_again(tmp_path, damage):
+    d = SyntheticScenes("train", size=2, resolution=(12, 16), seed=2, cache_dir=tmp_path)
+    fresh = SyntheticScenes("train", size=2, resolution=(12, 16), seed=2)[1]
+    d[1]
+    (path,) = _cache_files(tmp_path)
+    good = path.read_bytes()
+    bad = {
+        "torn": good[: len(good) // 2],
+        "empty": b"",
+        "header_only": good[:8 + int.from_bytes(good[:8], "little")],
+        "garbage": b"\x00" * 64,
+        "foreign": safetensors_bytes({k: v for k, v in fresh.items()}, metadata={"format": "something-else"}),
+        "wrong_shape": safetensors_bytes({**fresh, "seg": fresh["seg"][:-1]},
+                                         metadata={"format": "pyamalgam-synthetic-sample"}),
+        "pickle": pickle.dumps({k: v.numpy() for k, v in fresh.items()}),
+    }[damage]
+    path.write_bytes(bad)
+    _assert_same_sample(d[1], fresh)
+    with safe_open(str(path), framework="pt") as f:  # and the file was replaced by a good one
+        _assert_same_sample({k: f.get_tensor(k) for k in SAMPLE_KEYS}, fresh)
+    assert not [p for p in tmp_path.rglob("*.tmp")]
 
 
 def test_cache_dir_must_be_a_directory(tmp_path):
