@@ -21,13 +21,14 @@ from torch import nn
 from tqdm import tqdm
 
 from .._checks import as_int, as_real
-from ..engine import Engine, PolyLR, TargetCache, module_device
+from ..engine import Engine, NonFiniteLossError, PolyLR, TargetCache, module_device
 from ..engine.loop import batch_images
 from ..models.protocol import check_input, count_parameters
 from ..nn import ChannelCoding
 from .blockwise import BlockStep, feature_losses, frozen_pass, prediction_losses, weighted_sum
 from .branch import as_outputs, assemble_target_net, select_branch_points, teacher_losses
-from .checkpoints import resume_run, save_run
+from .checkpoints import branch_out_logged, hold_folders, resume_run, save_run
+from .nonfinite import check_final_losses, explain
 from .setup import (check_choice, check_hparams, check_teachers, fixed_batches, make_student, resolve_outputs,
                     resolve_weights, validate_blocks)
 
@@ -139,6 +140,7 @@ class Amalgamator:
         self.branch_points: Optional[dict] = None
         self.target_net = None
         self.target_cache = TargetCache(cache_bytes) if cache_bytes else None
+        hold_folders(self)  # one process per checkpoint_dir / log_dir (docs/robustness.md)
 
     rank = property(lambda self: self.engine.rank)
     world_size = property(lambda self: self.engine.world_size)
@@ -190,7 +192,8 @@ class Amalgamator:
             points.update(select_branch_points(table, self.num_blocks, candidates))
         self.branch_points = {key: points[key] for key in self.teachers}
         self._assemble()
-        self._log({"event": "branch_out", "points": self.branch_points, "parameters": self.parameter_report()})
+        if not branch_out_logged(self, self.branch_points):  # a resumed run's restored log has it already
+            self._log({"event": "branch_out", "points": self.branch_points, "parameters": self.parameter_report()})
         return dict(self.branch_points)
 
     def finetune(self, loader, epochs: int = 1, *, max_steps: Optional[int] = None, resume=None):
@@ -245,6 +248,7 @@ class Amalgamator:
 
         run = self._run_phase("blocks", n, step_module, step, loader, total, pending)
         final = self._final_losses(n, step_module, probe)
+        check_final_losses(self, n, final)
         for name, value in final.items():
             table, key = (self.feature_table, name[8:]) if name.startswith("feature/") else (self.loss_table, name)
             table.setdefault(key, {})[n] = value
@@ -343,8 +347,11 @@ class Amalgamator:
         resume = pending.state if pending is not None else None
         desc = f"block {n}/{self.num_blocks}" if phase == "blocks" else "finetune"
         tag = f"blocks/block{n}/loss" if phase == "blocks" else "finetune/loss"
-        return self.engine.run_phase(module, step_loss, loader, total, index=n, desc=desc, tag=tag, resume=resume,
-                                     save=lambda state: save_run(self, phase, n, state))
+        try:
+            return self.engine.run_phase(module, step_loss, loader, total, index=n, desc=desc, tag=tag, resume=resume,
+                                         save=lambda state: save_run(self, phase, n, state))
+        except NonFiniteLossError as e:  # name the block, the output and the teacher
+            raise explain(self, e, phase, n) from e
 
     # ------------------------------------------------------------------ data and setup (checkpoints: checkpoints.py)
 
@@ -355,10 +362,12 @@ class Amalgamator:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _assemble(self) -> None:
-        self.target_net = assemble_target_net(self.student, self.codings, self.teachers, self.branch_points,
-                                              self._outputs, self._weights).to(self.device)
-        if self.channels_last:
-            self.target_net.to(memory_format=torch.channels_last)
+        self.target_net = self._build_target(self.branch_points)
+
+    def _build_target(self, points):
+        net = assemble_target_net(self.student, self.codings, self.teachers, points, self._outputs,
+                                  self._weights).to(self.device)
+        return net.to(memory_format=torch.channels_last) if self.channels_last else net
 
     def _config(self) -> dict:
         return {"teachers": sorted(self.teachers), "outputs": sorted(self.loss_table), "num_blocks": self.num_blocks,

@@ -8,15 +8,25 @@ the setup it belongs to, the loss tables Eq. 7 reads, the log history, and the e
 
 These functions read and restore the state of an :class:`~pyamalgam.Amalgamator` ``am``: its
 networks, ``completed_blocks``, ``loss_table``, ``feature_table``, ``branch_points``, history.
+
+The file is untrusted: a resume checks all of it (the meta against :mod:`.run_meta`'s schema,
+the engine's states, every tensor's name and shape) before it changes anything of ``am``, so a
+corrupt checkpoint is one CorruptFileError naming the file and leaves ``am`` as it was. The log
+follows the checkpoint (``docs/amalgamation.md``, "Checkpoints and resume"), and
+:func:`hold_folders` keeps a second process out of ``checkpoint_dir`` and ``log_dir``.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..engine import PhaseState, load_checkpoint, save_checkpoint
+from ..engine import (CorruptFileError, FolderLock, PhaseState, check_tensors, check_weights, load_checkpoint,
+                      save_checkpoint)
+from .run_meta import check_run_meta
 
-__all__ = ["CHECKPOINT_NAME", "Pending", "checkpoint_path", "resume_run", "save_run"]
+__all__ = ["CHECKPOINT_NAME", "Pending", "checkpoint_path", "resume_run", "save_run", "hold_folders",
+           "branch_out_logged"]
 
 CHECKPOINT_NAME = "last.safetensors"
 
@@ -47,6 +57,7 @@ def save_run(am, phase: str, n: int, state: PhaseState | None = None) -> None:
     for prefix, module in (("student", am.student), ("codings", am.codings), ("target", am.target_net)):
         if module is not None:
             tensors.update({f"{prefix}/{k}": v for k, v in module.state_dict().items()})
+    check_weights(tensors, f"checkpoint {path}", f"in the {phase} phase at block {n}")  # never a NaN checkpoint
     state = state if state is not None else PhaseState(rng=am.engine.rng_state())
     meta = {
         "phase": phase, "block": n, "config": am._config(), "completed_blocks": sorted(am.completed_blocks),
@@ -60,29 +71,73 @@ def resume_run(am, resume, phases, loader) -> Pending | None:
     """Restore ``am`` from the checkpoint ``resume`` names (True: the one in ``checkpoint_dir``,
     if any; or a path) when it was written in one of ``phases``; None: start afresh.
 
-    A checkpoint of another setup is refused. ``loader`` (the loader of the call being resumed)
-    gets the checkpoint's loader-generator state, so its shuffle continues.
+    A checkpoint of another setup, or one that does not fit (see the module docstring), is
+    refused before ``am`` changes. ``loader`` (the loader of the call being resumed) gets the
+    checkpoint's loader-generator state, so its shuffle continues.
     """
     path = _resume_path(resume, am.checkpoint_dir)
     if path is None:
         return None
     tensors, meta = load_checkpoint(path)
-    if meta["config"] != am._config():
-        raise ValueError(f"resume: {path} was written by a different setup:\n  checkpoint {meta['config']}\n"
-                         f"  now        {am._config()}")
+    check_run_meta(am, meta, path)
     if meta["phase"] not in phases:
         return None  # e.g. finetune(resume=True) after a checkpoint of the block phase
-    am.student.load_state_dict(_prefixed(tensors, "student/"))
-    am.codings.load_state_dict(_prefixed(tensors, "codings/"))
+    pending = Pending(meta["phase"], meta["block"], PhaseState.from_meta(meta, tensors, source=path))
+    try:
+        am.engine.check_rng(pending.state.rng, loader)
+    except ValueError as e:
+        raise CorruptFileError(f"{path}: {e}", path) from None
+    student, codings = _prefixed(tensors, "student/"), _prefixed(tensors, "codings/")
+    check_tensors(am.student.state_dict(), student, f"{path}: the student", path)
+    check_tensors(am.codings.state_dict(), codings, f"{path}: the codings", path)
+    target = None
+    if meta["phase"] in ("finetune", "done"):
+        target = _target_for(am, meta["branch_points"])
+        check_tensors(target.state_dict(), _prefixed(tensors, "target/"), f"{path}: the TargetNet", path)
+    # Everything fits: only now does am change.
+    am.student.load_state_dict(student)
+    am.codings.load_state_dict(codings)
     am.completed_blocks = set(meta["completed_blocks"])
     am.loss_table = _int_keys(meta["loss_table"])
     am.feature_table = _int_keys(meta["feature_table"])
-    am.history[:] = meta["history"]
-    if meta["phase"] in ("finetune", "done"):
-        _restore_target(am, meta["branch_points"], _prefixed(tensors, "target/"))
-    pending = Pending(meta["phase"], meta["block"], PhaseState.from_meta(meta, tensors))
+    am.engine.log.restore(meta["history"])  # the log file too: what a killed run wrote after this checkpoint goes
+    if target is not None:
+        am.branch_points, am.target_net = dict(meta["branch_points"]), target
+        target.load_state_dict(_prefixed(tensors, "target/"))
+        am._logged_branch_out = dict(meta["branch_points"])  # in the history already: branch_out() won't repeat it
     am.engine.restore_rng(pending.state.rng, loader)  # the loader of this call continues its shuffle
     return pending
+
+
+def branch_out_logged(am, points) -> bool:
+    """True (once) when ``points`` is the branch-out of the checkpoint ``am`` resumed from: its
+    record is in the restored log, and logging it again would duplicate it."""
+    logged, am._logged_branch_out = getattr(am, "_logged_branch_out", None), None
+    return logged is not None and logged == points
+
+
+def hold_folders(am) -> None:
+    """Lock ``checkpoint_dir`` and ``log_dir`` (rank 0, the one writer) for as long as ``am``
+    lives: a second process on them is refused (:class:`~pyamalgam.engine.FolderInUseError`)."""
+    if am.rank != 0:
+        return
+    folders = {}
+    for folder, what in ((am.checkpoint_dir, "checkpoint_dir"), (am.log_dir, "log_dir")):
+        if folder is not None:
+            folders.setdefault(Path(folder).resolve(), (folder, what))
+    locks: list = []
+    try:
+        for folder, what in folders.values():
+            locks.append(FolderLock(folder, what).acquire())
+    except BaseException:
+        _release(locks)
+        raise
+    weakref.finalize(am, _release, locks)  # also at exit; a killed process's locks go with it
+
+
+def _release(locks) -> None:
+    for lock in locks:
+        lock.release()
 
 
 def _resume_path(resume, checkpoint_dir) -> Path | None:
@@ -99,13 +154,14 @@ def _resume_path(resume, checkpoint_dir) -> Path | None:
     return path
 
 
-def _restore_target(am, points, state) -> None:
-    if am.target_net is not None and am.branch_points != points:
-        raise ValueError(f"resume: the checkpoint fine-tunes branch points {points}, but branch_out() chose {am.branch_points}")
-    if am.target_net is None:
-        am.branch_points = dict(points)
-        am._assemble()
-    am.target_net.load_state_dict(state)
+def _target_for(am, points):
+    """The TargetNet a fine-tune checkpoint of branch ``points`` restores into (not yet am's)."""
+    if am.target_net is not None:
+        if am.branch_points != points:
+            raise ValueError(f"resume: the checkpoint fine-tunes branch points {points}, but branch_out() chose "
+                             f"{am.branch_points}")
+        return am.target_net
+    return am._build_target(points)
 
 
 def _prefixed(tensors, prefix) -> dict:

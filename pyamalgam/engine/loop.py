@@ -14,7 +14,7 @@ import contextlib
 import time
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -25,7 +25,10 @@ from tqdm import tqdm
 from .._checks import as_int
 from .checkpoint import pack_state, unpack_state
 from .distributed import all_reduce_mean, init_distributed, sync_buffers, wrap_ddp
-from .rng import get_rng_state, set_rng_state
+from .finite import FiniteGuard, check_weights, default_check_every
+from .phase_checks import check_phase_meta, check_unpacked, restore_optimizer
+from .rng import check_rng_state, get_rng_state, set_rng_state
+from .schema import CorruptFileError
 from .runlog import RunLog
 
 __all__ = ["Engine", "PhaseState", "PhaseResult", "PolyLR", "OPTIMIZERS", "check_optimizer", "make_optimizer",
@@ -96,7 +99,7 @@ class PhaseState:
 
     ``rng`` is the generators' state at the checkpoint, ``epoch_rng`` theirs at the start of the
     epoch in progress (its shuffle is replayed from it). A checkpoint between phases has only
-    ``rng`` (``step`` None).
+    ``rng`` (``step`` None). ``source`` names the checkpoint it came from, for errors.
     """
 
     rng: dict
@@ -106,6 +109,7 @@ class PhaseState:
     optimizer: Optional[dict] = None
     scheduler: Optional[dict] = None
     sums: Optional[dict] = None
+    source: Optional[str] = field(default=None, compare=False, repr=False)
 
     def to_meta(self, tensors: dict) -> dict:
         """JSON-able checkpoint fields; the tensors go to ``tensors``."""
@@ -117,9 +121,18 @@ class PhaseState:
         return meta
 
     @classmethod
-    def from_meta(cls, meta: dict, tensors: dict) -> "PhaseState":
-        state = {k: unpack_state(meta[k], tensors) for k in _STATE_KEYS if k in meta}
-        return cls(step=meta.get("step"), total=meta.get("total"), **state)
+    def from_meta(cls, meta: dict, tensors: dict, source=None) -> "PhaseState":
+        """The state a checkpoint's meta and tensors hold, checked first (the file is untrusted:
+        a CorruptFileError naming ``source`` if a field is missing, of the wrong type or range)."""
+        where = source if source is not None else "checkpoint"
+        check_phase_meta(meta, where)
+        try:
+            state = {k: unpack_state(meta[k], tensors) for k in _STATE_KEYS if k in meta}
+        except ValueError as e:
+            raise CorruptFileError(f"{where}: {e}", where) from None
+        check_unpacked(state, where)
+        return cls(step=meta.get("step"), total=meta.get("total"), **state,
+                   source=None if source is None else str(source))
 
 
 @dataclass
@@ -144,16 +157,22 @@ class Engine:
         checkpoint_every: call ``save`` every this many steps inside a phase (None: never).
         progress: tqdm bars (rank 0 only).
         log_dir, log_name: where the trainer's :class:`RunLog` writes (None: in memory only).
+        check_finite_every: read the non-finite flag of the losses every this many steps (None:
+            every step on the CPU, every 16 elsewhere; see :class:`~pyamalgam.engine.finite.FiniteGuard`).
     """
 
     def __init__(self, *, device, optimizer: str = "sgd", lr: float = 0.005, momentum: float = 0.9,
                  weight_decay: float = 4e-6, power: float = 0.9, amp: bool = False,
                  checkpoint_every: Optional[int] = None, progress: bool = True, log_dir=None,
-                 log_name: str = "train.jsonl"):
+                 log_name: str = "train.jsonl", check_finite_every: Optional[int] = None):
         every = None if checkpoint_every is None else as_int(checkpoint_every)
         if checkpoint_every is not None and (every is None or every < 1):
             raise ValueError(f"checkpoint_every must be a positive int or None, got {checkpoint_every!r}")
         self.device = torch.device(device)
+        finite_every = default_check_every(self.device) if check_finite_every is None else as_int(check_finite_every)
+        if finite_every is None or finite_every < 1:
+            raise ValueError(f"check_finite_every must be a positive int or None, got {check_finite_every!r}")
+        self.check_finite_every = finite_every
         self.optimizer, self.lr, self.momentum = check_optimizer(optimizer), lr, momentum
         self.weight_decay, self.power = weight_decay, power
         self.amp, self.checkpoint_every, self.progress = bool(amp), every, bool(progress)
@@ -177,17 +196,35 @@ class Engine:
             state["loader"] = [g.get_state() for g in self._generators]
         return state
 
+    def check_rng(self, state: dict, loader=None) -> None:
+        """A ValueError unless :meth:`restore_rng` can apply ``state`` (to ``loader``): checked on
+        scratch generators, so that a resume can refuse a corrupt state before changing anything."""
+        check_rng_state(state, self.device)
+        if loader is None or "loader" not in state:
+            return
+        generators, saved = _loader_generators(loader), state["loader"]
+        if not isinstance(saved, list) or len(generators) != len(saved):
+            count = len(saved) if isinstance(saved, list) else "no list of"
+            raise ValueError(f"resume: the checkpoint holds {count} loader generator state(s), the "
+                             f"loader has {len(generators)}; resume with a loader built like the original one")
+        for g, st in zip(generators, saved):
+            if not isinstance(st, torch.Tensor):
+                raise ValueError("resume: a loader generator state is not a tensor")
+            scratch = torch.Generator(device=g.device)
+            try:
+                scratch.set_state(st)
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(f"resume: a loader generator state does not apply: {e}") from None
+
     def restore_rng(self, state: dict, loader=None) -> None:
         """Inverse of :meth:`rng_state`; the loader part goes to ``loader``'s generators (the
-        loader the state was taken from, or one built the same way), and is skipped without one."""
+        loader the state was taken from, or one built the same way), and is skipped without one.
+        Checked first (:meth:`check_rng`): nothing is set unless all of it applies."""
+        self.check_rng(state, loader)
         set_rng_state(state, self.device)
         if loader is None or "loader" not in state:
             return
-        generators = _loader_generators(loader)
-        if len(generators) != len(state["loader"]):
-            raise ValueError(f"resume: the checkpoint holds {len(state['loader'])} loader generator state(s), the "
-                             f"loader has {len(generators)}; resume with a loader built like the original one")
-        for g, st in zip(generators, state["loader"]):
+        for g, st in zip(_loader_generators(loader), state["loader"]):
             g.set_state(st)
 
     def run_phase(self, module: nn.Module, step_loss: Callable, loader, total: int, *, index: int = 0,
@@ -200,6 +237,9 @@ class Engine:
         its DDP wrapper under torchrun. ``index`` tells the phases of one run apart (sampler
         epochs). ``resume`` continues a phase from a mid-phase :class:`PhaseState`; ``save`` is
         called with one every ``checkpoint_every`` steps; ``on_step(step, loss)`` after each step.
+        The first step whose loss or a term is NaN/inf stops the phase with
+        :class:`~pyamalgam.engine.NonFiniteLossError` (checked every ``check_finite_every`` steps
+        and before every ``save``, whose weights are checked too: no checkpoint holds a NaN).
         """
         trainable = wrap_ddp(module, self.device, self.world_size)
         self._generators = _loader_generators(loader)
@@ -210,33 +250,40 @@ class Engine:
         sums: dict = {}
         start = 0
         if resume is not None and resume.step is not None:
-            opt.load_state_dict(resume.optimizer)
-            sched.load_state_dict(resume.scheduler)
+            restore_optimizer(opt, sched, resume)
             sums = {k: v.to(self.device) for k, v in resume.sums.items()}
             start = resume.step
+        guard = FiniteGuard(desc, total, self.check_finite_every, self.world_size)
         bar = tqdm(total=total, initial=start, desc=desc, disable=not self.progress or self.rank != 0, leave=False)
         t0, images = time.perf_counter(), 0
-        for step, batch, epoch_rng in self._batches(loader, index, start, total, resume):
-            loss, terms = step_loss(trainable, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if step >= total - window:
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach().double()
-            images += batch_len(batch)
-            done = step + 1
-            if on_step is not None:
-                on_step(step, loss)
-            if save is not None and self.checkpoint_every and done % self.checkpoint_every == 0 and done < total:
-                save(PhaseState(rng=self.rng_state(), step=done, total=total, epoch_rng=epoch_rng,
-                                optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                                sums=all_reduce_mean(sums, self.device, self.world_size)))
-            bar.update(1)
-            if done % 10 == 0 and (not bar.disable or self.log.tensorboard() is not None):
-                self._report(bar, tag, done, loss)  # .item() syncs: not every step
-        bar.close()
+        try:
+            for step, batch, epoch_rng in self._batches(loader, index, start, total, resume):
+                done = step + 1
+                saving = save is not None and self.checkpoint_every and done % self.checkpoint_every == 0 and done < total
+                loss, terms = step_loss(trainable, batch)
+                guard.observe(step, loss, terms)
+                if saving or guard.due(done):
+                    guard.check()  # before backward: checked every step, a bad loss never reaches the weights
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                if step >= total - window:
+                    for k, v in terms.items():
+                        sums[k] = sums.get(k, 0.0) + v.detach().double()
+                images += batch_len(batch)
+                if on_step is not None:
+                    on_step(step, loss)
+                if saving:
+                    check_weights(module.state_dict(), desc, f"after step {done} of {total}")
+                    save(PhaseState(rng=self.rng_state(), step=done, total=total, epoch_rng=epoch_rng,
+                                    optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                                    sums=all_reduce_mean(sums, self.device, self.world_size)))
+                bar.update(1)
+                if done % 10 == 0 and (not bar.disable or self.log.tensorboard() is not None):
+                    self._report(bar, tag, done, loss)  # .item() syncs: not every step
+        finally:
+            bar.close()
         opt.zero_grad(set_to_none=True)  # the gradients are spent; don't keep their memory
         sync_buffers(module, self.world_size)
         sums = all_reduce_mean(sums, self.device, self.world_size)

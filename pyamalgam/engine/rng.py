@@ -10,7 +10,7 @@ import random
 
 import torch
 
-__all__ = ["get_rng_state", "set_rng_state"]
+__all__ = ["get_rng_state", "set_rng_state", "check_rng_state"]
 
 
 def get_rng_state(device: torch.device) -> dict:
@@ -39,6 +39,41 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
         s = state["numpy"]
         np.random.set_state((s["kind"], s["keys"].numpy().astype("uint32"), s["pos"], s["has_gauss"], s["cached"]))
+
+
+def check_rng_state(state, device: torch.device) -> None:
+    """A ValueError naming the generator unless :func:`set_rng_state` can apply ``state``.
+
+    Tried on scratch generators, the global ones untouched: a resume checks a checkpoint's
+    states before it changes anything, so a corrupt one leaves the run as it was."""
+    if not isinstance(state, dict) or "torch" not in state or "python" not in state:
+        raise ValueError("an RNG state must hold 'torch' and 'python' generator states")
+    _try("torch", lambda: torch.Generator().set_state(_bytes(state["torch"])))
+    python = state["python"]
+    if not (isinstance(python, list) and len(python) == 3 and isinstance(python[1], list)):
+        raise ValueError("the Python RNG state must be [version, 625 ints, gauss]")
+    _try("python", lambda: random.Random().setstate(_pyrandom_from_json(python)))
+    if "cuda" in state and device.type == "cuda":
+        _try("cuda", lambda: torch.Generator(device=device).set_state(_bytes(state["cuda"])))
+    if "numpy" in state:
+        import numpy as np
+
+        s = state["numpy"]
+        _try("numpy", lambda: np.random.RandomState().set_state(
+            (s["kind"], s["keys"].numpy().astype("uint32"), s["pos"], s["has_gauss"], s["cached"])))
+
+
+def _bytes(t):
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
+        raise TypeError(f"a generator state must be a 1-D uint8 tensor, got {type(t).__name__}")
+    return t
+
+
+def _try(name, apply) -> None:
+    try:
+        apply()
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError, RuntimeError) as e:
+        raise ValueError(f"the {name} RNG state does not apply: {e}") from None
 
 
 def _pyrandom_to_json(state):
