@@ -1,14 +1,20 @@
 """The ``pyamalgam`` command line: argument parsing only; each command is a function elsewhere.
 
-Exit codes: 0 success, 1 a run that failed (e.g. a diverging loss), 2 bad arguments or data
-that cannot be opened (argparse's convention), 130 interrupted (Ctrl-C; cached stages are kept).
+Exit codes: 0 success; 1 a run that failed (e.g. a diverging loss); 2 bad arguments (argparse's
+convention: a usage line and a message naming the argument, before any work starts) or data that
+cannot be opened or read (the message names the file); 130 interrupted (Ctrl-C; cached stages
+are kept). docs/robustness.md lists each promise with the test that holds it.
 """
 from __future__ import annotations
 
+import _thread
 import argparse
-import dataclasses
 import json
+import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 _TASKS = ("seg", "depth", "normal")
@@ -32,11 +38,11 @@ def _cmd_selfcheck(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .demo import demo_config, run_demo
+    from .demo import run_demo
 
-    config = demo_config(args.quick, args.device, **dict(args.set)) if args.set else None
+    # args.config: the preset with --set and --data applied, checked by _check_demo
     run_demo(args.out, device=args.device, quick=args.quick, seed=args.seed, progress=not args.no_progress,
-             config=config, threads=args.threads, data=args.data)
+             config=args.config, threads=args.threads, data=args.data)
     return 0
 
 
@@ -65,7 +71,7 @@ def _number(kind, ok, what):
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or not ok(value):
+        if value is None or not ok(value):  # nan fails every comparison, so `ok` rejects it
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
 
@@ -76,6 +82,30 @@ def _number(kind, ok, what):
 _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 _non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
 _positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive number")
+_num_bins = _number(int, lambda v: v >= 2, "an integer >= 2 (depth bins)")
+
+
+def _seed(text: str) -> int:
+    from .teachers import MAX_SEED
+
+    return _number(int, lambda v: 0 <= v <= MAX_SEED, "a non-negative integer below 2^63")(text)
+
+
+def _threads(text: str) -> int:
+    cap = 4 * (os.cpu_count() or 1)  # more threads than that only oversubscribes the cores
+    return _number(int, lambda v: 1 <= v <= cap, f"a positive integer up to {cap} (4 x the CPU count)")(text)
+
+
+def _depth(text: str) -> int:
+    from .teachers import MAX_DEPTH
+
+    return _number(int, lambda v: 1 <= v <= MAX_DEPTH, f"an integer in 1..{MAX_DEPTH} (VGG16's pooling stages)")(text)
+
+
+def _width(text: str) -> float:
+    from .teachers import MAX_WIDTH
+
+    return _number(float, lambda v: 0 < v <= MAX_WIDTH, f"a number in (0, {MAX_WIDTH:g}]")(text)
 
 
 def _device(text: str) -> str:
@@ -87,10 +117,25 @@ def _device(text: str) -> str:
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
     if device.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cuda":
+        _check_cuda(text, device.index)
+    return text
+
+
+def _check_cuda(text: str, index) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
         raise argparse.ArgumentTypeError("CUDA is not available on this machine (torch.cuda.is_available() is False); "
                                          "use --device cpu")
-    return text
+    count = torch.cuda.device_count()
+    if index is not None and index >= count:
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    from ._extension import has_cuda_kernels
+
+    if not has_cuda_kernels():  # the fused operators would refuse the first CUDA tensor, mid-run
+        raise argparse.ArgumentTypeError("this pyamalgam build has no CUDA kernels (see `pyamalgam info`); rebuild "
+                                         "it with nvcc available (README: Installing) or use --device cpu")
 
 
 def _data_spec(text: str) -> str:
@@ -121,26 +166,38 @@ def _out_dir(text: str) -> str:
     return text
 
 
+_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+# How --set reads a value, by the type of the field's default; what the message asks for.
+_SET_PARSERS = {
+    bool: (lambda v: _WORDS[v.lower()], "true or false"),  # bool("false") is True: spell the two values out
+    int: (int, "an int"),
+    float: (float, "a number"),
+    str: (str, "a string"),
+    tuple: (lambda v: _resolution(v), "HxW"),
+}
+
+
 def _override(text: str) -> tuple:
-    """``KEY=VALUE`` for a :class:`~pyamalgam.demo.DemoConfig` field, VALUE parsed as the field's type."""
+    """``KEY=VALUE`` for a :class:`~pyamalgam.demo.DemoConfig` field, VALUE parsed as the
+    field's type and checked by the field's own rule (:func:`pyamalgam.demo.config.check_field`)."""
+    import dataclasses
+
     from .demo import DemoConfig
+    from .demo.config import check_field
 
     key, sep, value = text.partition("=")
-    fields = {f.name: f for f in dataclasses.fields(DemoConfig)}
+    fields = {f.name for f in dataclasses.fields(DemoConfig)}
     if not sep or key not in fields:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY one of {sorted(fields)}, got {text!r}")
-    default = getattr(DemoConfig, key)
+    parse, what = _SET_PARSERS[type(getattr(DemoConfig, key))]
     try:
-        if isinstance(default, tuple):
-            return key, _resolution(value)
-        if isinstance(default, bool):  # bool("false") is True: spell the two values out
-            words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-            if value.lower() not in words:
-                raise ValueError(value)
-            return key, words[value.lower()]
-        return key, type(default)(value)
-    except (ValueError, argparse.ArgumentTypeError):
-        raise argparse.ArgumentTypeError(f"{key} needs a {type(default).__name__}, got {value!r}") from None
+        parsed = parse(value)
+    except (ValueError, KeyError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"{key} needs {what}, got {value!r}") from None
+    try:
+        return key, check_field(key, parsed)
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"{text}: {str(e).removeprefix('demo config: ')}") from None
 
 
 # ---------------------------------------------------------------------------- parser
@@ -148,7 +205,7 @@ def _override(text: str) -> tuple:
 def _add_common(p, device_default) -> None:
     p.add_argument("--device", type=_device, default=device_default,
                    help=f"cpu, cuda or cuda:N (default: {device_default or 'cuda if available, else cpu'})")
-    p.add_argument("--seed", type=_non_negative_int, default=0, help="seeds data, initialisation and order (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seeds data, initialisation and order (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or stage lines (stderr)")
 
 
@@ -161,11 +218,11 @@ def _add_demo(sub) -> None:
     p.add_argument("--out", type=_out_dir, default="runs/demo", help="run folder: caches, tables, figures (default runs/demo)")
     p.add_argument("--data", type=_data_spec, default=None,
                    help="synthetic (default), nyuv2:ROOT or cityscapes:ROOT (see docs/data.md)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_threads, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--set", type=_override, action="append", metavar="KEY=VALUE",
                    help="override one preset field, e.g. --set teacher_steps=500 (repeatable; see docs/demo.md)")
     _add_common(p, None)
-    p.set_defaults(fn=_cmd_demo)
+    p.set_defaults(fn=_cmd_demo, subparser=p)
 
 
 def _add_train_teacher(sub) -> None:
@@ -184,12 +241,12 @@ def _add_train_teacher(sub) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=8, help="default 8")
     p.add_argument("--lr", type=_positive_float, default=1e-3, help="initial learning rate, poly decay (default 1e-3)")
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="default adam")
-    p.add_argument("--width", type=_positive_float, default=1.0, help="channel multiplier of VGG16 (default 1)")
-    p.add_argument("--depth", type=_positive_int, default=5, help="pooling stages; N = 2*depth blocks (default 5)")
-    p.add_argument("--num-bins", type=_positive_int, default=64, help="depth bins N_d of Eq. 2 (default 64)")
+    p.add_argument("--width", type=_width, default=1.0, help="channel multiplier of VGG16, up to 4 (default 1)")
+    p.add_argument("--depth", type=_depth, default=5, help="pooling stages, 1..5; N = 2*depth blocks (default 5)")
+    p.add_argument("--num-bins", type=_num_bins, default=64, help="depth bins N_d of Eq. 2, >= 2 (default 64)")
     p.add_argument("--workers", type=_non_negative_int, default=0, help="DataLoader workers (default 0)")
     _add_common(p, None)
-    p.set_defaults(fn=_cmd_train_teacher)
+    p.set_defaults(fn=_cmd_train_teacher, subparser=p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,39 +254,202 @@ def build_parser() -> argparse.ArgumentParser:
                                      "into one multi-task student (Ye et al., CVPR 2019). Start with: pyamalgam demo --quick")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions and what the compiled operators were built with")
-    p.set_defaults(fn=_cmd_info)
+    p.set_defaults(fn=_cmd_info, subparser=p)
     p = sub.add_parser("selfcheck", help="check every fused operator against its float64 reference")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.set_defaults(fn=_cmd_selfcheck)
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.set_defaults(fn=_cmd_selfcheck, subparser=p)
     _add_demo(sub)
     _add_train_teacher(sub)
     return parser
 
 
-def _check(parser, args) -> None:
-    """Checks that need several arguments together (argparse types see one at a time)."""
-    if args.command == "train-teacher" and args.resolution is not None:
-        divisor = 2 ** args.depth
-        if any(s % divisor for s in args.resolution):
-            parser.error(f"--resolution {args.resolution[0]}x{args.resolution[1]}: both sides must be multiples "
-                         f"of 2^depth = {divisor}")
+def _check(args) -> None:
+    """Checks that need several arguments together (argparse types see one at a time), and the
+    output folder; all before any work, each error naming the argument (exit 2)."""
+    check = {"demo": _check_demo, "train-teacher": _check_train_teacher}.get(args.command)
+    if check is not None:
+        try:
+            check(args)
+        except (argparse.ArgumentTypeError, TypeError, ValueError, OSError) as e:
+            args.subparser.error(str(e))  # the command's usage line and "pyamalgam COMMAND: error:"
+
+
+def _check_demo(args) -> None:
+    """The whole DemoConfig (preset + --set + --data), then --out, so run_demo starts from a
+    configuration it can run (its own validate() would only repeat this)."""
+    import dataclasses
+
+    from .demo import demo_config
+    from .teachers import check_output_folder
+
+    try:
+        config = demo_config(args.quick, args.device, **dict(args.set or []))
+        if args.data is not None:
+            config = dataclasses.replace(config, data=args.data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--set: {str(e).removeprefix('demo config: ')}") from None
+    if config.data != "synthetic":  # --set data=... skipped _data_spec's folder check
+        _data_spec(config.data)
+    args.config = config
+    check_output_folder(args.out, "--out")  # last: it creates the folder
+
+
+def _check_train_teacher(args) -> None:
+    from .teachers import check_output_folder, teacher_paths
+
+    resolution = args.resolution or ((96, 128) if args.data == "synthetic" else None)  # open_dataset's default
+    divisor = 2**args.depth
+    if resolution is not None and any(s % divisor for s in resolution):
+        given = "--resolution" if args.resolution else "the synthetic default resolution"
+        raise ValueError(f"{given} {resolution[0]}x{resolution[1]}: both sides must be multiples of 2^depth = "
+                         f"{divisor} (--depth {args.depth})")
+    weights, _ = teacher_paths(args.out or f"teachers/{args.task}.safetensors")
+    if weights.is_dir():
+        raise ValueError(f"--out {str(weights)!r} is a folder; give a checkpoint path, e.g. {str(weights / args.task)!r}")
+    check_output_folder(weights.parent, "--out")
+
+
+# ------------------------------------------------------------------------- running
+
+def _failure_code(e: Exception) -> int | None:
+    """The exit code of an exception that ends a command, None for one that is a bug (traceback)."""
+    if isinstance(e, FloatingPointError):  # a diverging loss
+        return 1
+    if isinstance(e, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        return 2  # bad data or settings found late; unreadable data files raise DataFileError, a ValueError
+    if isinstance(e, OSError):  # e.g. a full disk while writing results
+        return 1
+    return None
+
+
+def _message(e: Exception) -> str:
+    text = str(e)
+    if "\nOriginal Traceback" in text:  # re-raised from a DataLoader worker: keep the original's own line
+        last = text.strip().splitlines()[-1]
+        text = last.partition(": ")[2] or last
+    return text
+
+
+def _run(args, guard) -> int:
+    try:
+        return args.fn(args)
+    except Exception as e:
+        code = None if guard.interrupted else _failure_code(e)
+        if code is None:
+            raise  # after an interrupt main() returns 130; otherwise a bug: its traceback, exit 1
+        print(f"pyamalgam {args.command}: {'failed' if code == 1 else 'error'}: {_message(e)}", file=sys.stderr)
+        return code
+
+
+_INTERRUPTED = {
+    "demo": "finished stages are kept; run the same command again to resume",
+    "train-teacher": "a checkpoint is complete only once its .json is written; run it again to train it",
+}
+
+
+class _InterruptGuard:
+    """Ctrl-C must end a command with 130, even where the KeyboardInterrupt it raises is lost.
+
+    Python raises KeyboardInterrupt wherever the main thread is when SIGINT arrives, and some
+    places can only swallow it: a function run by ``os.register_at_fork`` (logging's
+    ``_releaseLock``, run in the parent after each DataLoader worker is forked, i.e. at the start
+    of every epoch with ``num_workers > 0``) or a ``__del__`` prints "Exception ignored in ..."
+    and the run goes on to exit 0; a worker that dies of the same Ctrl-C can turn it into
+    "DataLoader worker exited unexpectedly" (exit 1). So the handler records every SIGINT, an
+    interrupt swallowed as unraisable is raised again just after the code that swallowed it,
+    and :func:`main` returns 130 whenever one was recorded, whatever the command did after it.
+    """
+
+    #: Delay of a re-raise: the main thread has left the code that swallowed the interrupt by then
+    #: (raised at once, it would land in that same code and be swallowed again).
+    RERAISE_DELAY_S = 0.05
+
+    def __init__(self):
+        self.interrupted = False
+        self._pid = os.getpid()  # forked DataLoader workers inherit the handler: they get the default
+        self._raising = False
+        self._installed = False
+        self._lock = threading.Lock()  # a re-raise never lands after stop(); the handler never takes it
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # only it may set signal handlers
+            self._old_handler = signal.signal(signal.SIGINT, self._on_sigint)
+            self._old_hook, sys.unraisablehook = sys.unraisablehook, self._on_unraisable
+            self._installed = self._raising = True
+        return self
+
+    def stop(self) -> None:
+        """From now on record SIGINTs without raising: main() is already finishing with 130."""
+        with self._lock:
+            self._raising = False
+
+    def __exit__(self, *exc) -> bool:
+        if self._installed:
+            self.stop()
+            time.sleep(0.001)  # a re-raise sent just before stop() is delivered, and handled, in here
+            _let_pending_signals_run()
+            signal.signal(signal.SIGINT, self._old_handler)
+            sys.unraisablehook = self._old_hook
+            self._installed = False
+        return False
+
+    def _on_sigint(self, signum, frame) -> None:
+        if os.getpid() != self._pid:
+            raise KeyboardInterrupt  # Python's default, in a forked worker (torch's loop expects it)
+        self.interrupted = True
+        if self._raising:
+            raise KeyboardInterrupt
+
+    def _on_unraisable(self, info) -> None:
+        if os.getpid() != self._pid:
+            self._old_hook(info)
+        elif isinstance(info.exc_value, KeyboardInterrupt):
+            self.interrupted = True  # and no "Exception ignored" traceback: we handle it
+            timer = threading.Timer(self.RERAISE_DELAY_S, self._reraise)
+            timer.daemon = True
+            timer.start()
+        elif not self.interrupted:
+            self._old_hook(info)
+        # else: the interrupt's aftermath, not news: e.g. the __del__ of a DataLoader iterator
+        # interrupted while it forked its workers fails on the attributes it never set
+
+    def _reraise(self) -> None:
+        """In a timer thread: SIGINT again, as if Ctrl-C were pressed once more. Swallowed again
+        (by the next fork's hooks), it comes back here, until it reaches main()."""
+        with self._lock:
+            if not self._raising:
+                return
+            if hasattr(signal, "pthread_kill"):  # a real signal to the main thread: it also ends a blocking wait
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            else:  # pragma: no cover (Windows) - acts at the main thread's next bytecode
+                _thread.interrupt_main(signal.SIGINT)
+
+
+def _let_pending_signals_run() -> None:
+    """A Python-level call: the interpreter runs pending signal handlers at function entry."""
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _check(parser, args)
-    try:
-        return args.fn(args)
-    except KeyboardInterrupt:
-        print(f"pyamalgam {args.command}: interrupted; finished stages are kept", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # bad data or settings found late
-        print(f"pyamalgam {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
-        print(f"pyamalgam {args.command}: failed: {e}", file=sys.stderr)
-        return 1
+    args = None
+    with _InterruptGuard() as guard:
+        try:
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            _check(args)
+            code = _run(args, guard)
+        except KeyboardInterrupt:
+            code = None
+        except Exception:
+            if not guard.interrupted:
+                raise
+            code = None  # what the interrupt left behind, e.g. "DataLoader worker exited unexpectedly"
+        if code is None or guard.interrupted:
+            guard.stop()
+            command = getattr(args, "command", None) or "pyamalgam"
+            hint = _INTERRUPTED.get(command)
+            print(f"pyamalgam {command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
+            return 130
+        return code
 
 
 if __name__ == "__main__":

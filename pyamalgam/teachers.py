@@ -30,28 +30,51 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ._checks import check_int
+from ._checks import as_int, as_real, check_int
 from ._io import atomic_write
-from .engine import Engine
+from .engine import (
+    OPTIMIZERS,
+    CorruptFileError,
+    Engine,
+    NonFiniteLossError,
+    expected_state,
+    load_tensors,
+)
+from .engine.schema import (
+    Bool,
+    Int,
+    ListOf,
+    Nullable,
+    Num,
+    Record,
+    Str,
+    read_json,
+    validate,
+)
 from .losses import depth_loss, normal_loss, segmentation_loss
 from .models import VGGEncoderDecoder, count_parameters
+from .models.vgg import VGG16_CHANNELS, VGG16_CONVS
 
 __all__ = [
+    "MAX_DEPTH",
+    "MAX_SEED",
+    "MAX_WIDTH",
     "TASKS",
     "Teacher",
     "TeacherRecord",
     "build_teacher",
     "canonical_task",
+    "check_output_folder",
     "load_teacher",
     "open_dataset",
     "parse_resolution",
@@ -258,8 +281,9 @@ def train_teacher(
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True,
                         generator=generator, num_workers=num_workers, pin_memory=device.type == "cuda")
+    # check_finite_every=1: on_step reads every loss anyway, so the engine stops at the first non-finite one
     engine = Engine(device=device, optimizer=optimizer, lr=lr, momentum=0.9, weight_decay=weight_decay, power=power,
-                    progress=progress)
+                    progress=progress, check_finite_every=1)
     flip_rng = torch.Generator().manual_seed(seed + 1)
     losses = []
 
@@ -269,15 +293,18 @@ def train_teacher(
             batch = _hflip(batch)
         return teacher_loss(task, module(batch["image"].contiguous(memory_format=fmt)), batch, ignore_index), {}
 
-    def on_step(step, loss):
+    def on_step(step, loss):  # a finite loss: the engine stopped the phase before a non-finite one got here
         value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"teacher {task!r}: the loss became {value} at step {step}; lower lr (now {lr})")
         losses.append(value)
         if callback is not None:
             callback(step, value)
 
-    run = engine.run_phase(net, step_loss, loader, steps, desc=f"teacher {task}", tag=f"teacher/{task}/loss", on_step=on_step)
+    try:
+        run = engine.run_phase(net, step_loss, loader, steps, desc=f"teacher {task}", tag=f"teacher/{task}/loss",
+                               on_step=on_step)
+    except NonFiniteLossError as e:
+        raise NonFiniteLossError(f"{e}; lower lr (now {lr}) or check the data", phase=e.phase, step=e.step,
+                                 terms=e.terms) from None
     net.to(memory_format=torch.contiguous_format).eval()
     window = max(1, min(len(losses) // 10, 50))
     record = TeacherRecord(
@@ -324,17 +351,36 @@ def load_teacher(path, device=None) -> Teacher:
     if not meta_path.is_file() or not weights.is_file():
         raise FileNotFoundError(f"no teacher checkpoint at {weights} (+ {meta_path.name}); "
                                 f"train one with `pyamalgam train-teacher --out {weights}`")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{meta_path} is not a {FORMAT} v{FORMAT_VERSION} checkpoint")
-    with safe_open(str(weights), framework="pt", device="cpu") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
-    record = TeacherRecord.from_json(meta)
+    # Both files are untrusted: the JSON is checked (size, depth, schema) and the shapes its config
+    # implies are compared with the weights' header before the network is allocated.
+    meta = read_json(meta_path)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise CorruptFileError(f"{meta_path} is not a {FORMAT} v{FORMAT_VERSION} checkpoint", meta_path)
+    record = TeacherRecord.from_json(validate(meta, _sidecar_schema(), meta_path))
+    try:
+        expected = expected_state(lambda: build_teacher(**record.config))
+    except (ValueError, TypeError) as e:
+        raise CorruptFileError(f"{meta_path}: its config {record.config} builds no teacher: {e}", meta_path) from None
+    state = load_tensors(weights, expected, f"{weights} (the weights of config {record.config})")
     net = build_teacher(**record.config)
     net.load_state_dict(state, strict=True)
     if device is not None:
         net.to(device)
     return Teacher(net.eval(), record)
+
+
+def _sidecar_schema() -> Record:
+    """What :func:`load_teacher` accepts in a sidecar: the build_teacher arguments in their
+    ranges (nothing else), training fields of their types, per-step losses as numbers."""
+    config = Record({"task": Str(tuple(_ALIASES))}, {
+        "width": Num(positive=True, hi=MAX_WIDTH), "depth": Int(1, MAX_DEPTH), "decoder": Str(("unpool", "concat")),
+        "num_classes": Int(1, 100_000), "num_bins": Int(1, 100_000), "max_depth": Num(positive=True),
+        "in_chans": Int(1, 1024)}, extra=None)
+    kinds = {"steps": Int(0), "batch_size": Int(1), "seed": Int(0), "parameters": Int(0), "flip": Bool,
+             "channels_last": Bool, "optimizer": Str(), "data": Str(max_len=2**20)}
+    train = Record({}, {f.name: Nullable(kinds.get(f.name, Num())) for f in dataclasses.fields(TeacherRecord)
+                        if f.name not in ("config", "losses", "extra")})
+    return Record({"config": config}, {"weights": Str(), "train": Nullable(train), "losses": Nullable(ListOf(Num()))})
 
 
 # ---------------------------------------------------------------------- data sets by name
@@ -377,14 +423,85 @@ def open_dataset(spec: str, split: str, *, resolution=None, size: int | None = N
     raise ValueError(f"unknown data spec {spec!r}; expected 'synthetic', 'nyuv2:/path' or 'cityscapes:/path'")
 
 
+#: The teacher architectures that run_train_teacher and the demo accept: ``depth`` pooling stages
+#: of the VGG16 layout (which has 5), ``width`` up to 4x its channels (16x its 29.5 M parameters).
+MAX_DEPTH = min(len(VGG16_CHANNELS), len(VGG16_CONVS))
+MAX_WIDTH = 4.0
+#: Seeds are offset per stage (+ a few hundred) and torch takes at most 2^64 - 1: stay far below.
+MAX_SEED = 2**63 - 1
+_SYNTHETIC_RESOLUTION = (96, 128)  # open_dataset's default for synthetic data
+
+
+def check_output_folder(folder, argument: str = "out") -> Path:
+    """Create ``folder`` (and its parents) if needed and check that a file can be written in it;
+    an ``OSError`` naming ``argument`` and the folder otherwise. Called before any work, so an
+    unwritable output fails in a second, not after the training it would have saved."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):  # os.access() says yes to root even on a read-only mount
+            pass
+    except OSError as e:
+        raise type(e)(f"{argument}: cannot write to the folder {str(folder)!r} "
+                      f"({e.strerror or type(e).__name__})") from None
+    return folder
+
+
+def _check_train_kwargs(kwargs: dict) -> None:
+    """The train_teacher keywords run_train_teacher passes on, checked before any data is opened."""
+    def integer(name, default, minimum, maximum=None):
+        value = as_int(kwargs.get(name, default))
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+            raise ValueError(f"{name} must be an int {bound}, got {kwargs.get(name, default)!r}")
+
+    def positive(name, default, maximum=math.inf):
+        value = as_real(kwargs.get(name, default))  # nan and inf fail every comparison-based check
+        if value is None or not (math.isfinite(value) and 0 < value <= maximum):
+            bound = "> 0" if maximum == math.inf else f"in (0, {maximum:g}]"
+            raise ValueError(f"{name} must be a finite number {bound}, got {kwargs.get(name, default)!r}")
+
+    integer("depth", 5, 1, MAX_DEPTH)
+    integer("num_bins", 64, 2)
+    integer("steps", 1000, 1)
+    integer("batch_size", 8, 1)
+    integer("num_workers", 0, 0)
+    integer("seed", 0, 0, MAX_SEED)
+    positive("width", 1.0, MAX_WIDTH)
+    positive("lr", 1e-3)
+    if kwargs.get("optimizer", "adam") not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {kwargs['optimizer']!r}")
+
+
+def _check_resolution(resolution, depth: int, where: str) -> None:
+    divisor = 2**depth  # every pooling stage halves the image (SegNet's max-unpool needs it exact)
+    if any(s % divisor for s in resolution):
+        raise ValueError(f"resolution {resolution[0]}x{resolution[1]} ({where}): both sides must be multiples "
+                         f"of 2^depth = {divisor}; pass a resolution or another depth")
+
+
 def run_train_teacher(task: str, out, *, data: str = "synthetic", resolution=None, size: int | None = None,
                       **kwargs) -> dict:
-    """The ``pyamalgam train-teacher`` command: open the data, train, save, return a summary."""
-    task = canonical_task(task)  # fail on a bad task before any data is opened
+    """The ``pyamalgam train-teacher`` command: check every argument, open the data, train, save,
+    return a summary. Arguments are checked before any data is opened or any folder written."""
+    task = canonical_task(task)
     resolution = parse_resolution(resolution)
-    dataset = open_dataset(data, "train", resolution=resolution, size=size, seed=kwargs.get("seed", 0))
-    record = train_teacher(task, dataset, out=out, data_name=str(data), **kwargs).record
+    _check_train_kwargs(kwargs)
+    if size is not None and (as_int(size) is None or as_int(size) < 1):
+        raise ValueError(f"size must be a positive int or None, got {size!r}")
+    depth = as_int(kwargs.get("depth", 5))
+    synthetic = str(data).lower() == "synthetic"
+    if resolution is not None or synthetic:
+        _check_resolution(resolution or _SYNTHETIC_RESOLUTION, depth, "given" if resolution else "synthetic default")
     weights, meta = teacher_paths(out)
+    if weights.is_dir():
+        raise IsADirectoryError(f"out: {str(weights)!r} is a folder; give a checkpoint path such as "
+                                f"{str(weights / task)!r}")
+    check_output_folder(weights.parent)
+    dataset = open_dataset(data, "train", resolution=resolution, size=size, seed=kwargs.get("seed", 0))
+    if resolution is None and not synthetic:  # the stored size: known once a sample is read
+        _check_resolution(tuple(dataset[0]["image"].shape[-2:]), depth, f"stored size of {data}")
+    record = train_teacher(task, dataset, out=out, data_name=str(data), **kwargs).record
     return {"task": task, "weights": str(weights), "config": str(meta), "parameters": record.parameters,
             "steps": record.steps, "loss_first": record.loss_first, "loss_final": record.loss_final,
             "seconds": record.seconds}

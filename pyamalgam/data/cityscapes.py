@@ -76,8 +76,9 @@ _SUFFIX = {
 }
 
 
-def _read_png(path: Path, size: tuple[int, int] | None = None, what: str = "file") -> np.ndarray:
-    """Decode a PNG; with ``size`` (H, W), check the header's size before decoding any pixel."""
+def _read_png(path: Path, what: str, size: tuple[int, int] | None = None, form: str = "a") -> np.ndarray:
+    """Decode a PNG. With ``size`` (H, W), its header's size is checked before any pixel is
+    decoded (a label of the wrong size, or a header claiming billions of pixels, fails fast)."""
     try:
         from PIL import Image
     except ImportError as e:  # pragma: no cover - pillow is a dependency of pyamalgam
@@ -85,8 +86,8 @@ def _read_png(path: Path, size: tuple[int, int] | None = None, what: str = "file
     try:
         with Image.open(path) as img:
             if size is not None and (img.height, img.width) != tuple(size):
-                raise DataFileError(f"Cityscapes {what} {str(path)!r} must be of size {tuple(size)} like its "
-                                    f"image, got {(img.height, img.width)}", path)
+                raise DataFileError(f"Cityscapes {what} {str(path)!r} must be {form} PNG of size {tuple(size)}, "
+                                    f"got size {(img.height, img.width)}", path)
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L"):
                 return np.array(img, dtype=np.uint16)
@@ -127,7 +128,10 @@ class Cityscapes(Dataset):
     *depth* only (see :attr:`tasks`); do not train or evaluate a normal head on it.
 
     All files are matched at construction: an image without its label, disparity or camera file
-    (or one of those without an image) raises ``FileNotFoundError`` naming the missing file.
+    (or one of those without an image) raises ``FileNotFoundError`` naming the missing file. A
+    file that cannot be decoded, or holds values the loader cannot use (a label of another size,
+    a camera with a NaN or infinite baseline), raises
+    :class:`~pyamalgam.data._common.DataFileError` (a ``ValueError`` and an ``OSError``) naming it.
     """
 
     ignore_index = _IGNORE
@@ -210,36 +214,40 @@ class Cityscapes(Dataset):
     def _camera(self, path: Path) -> tuple[float, float]:
         try:
             cam = json.loads(path.read_text())
-            baseline, fx = float(cam["extrinsic"]["baseline"]), float(cam["intrinsic"]["fx"])
+            baseline, fx = cam["extrinsic"]["baseline"], cam["intrinsic"]["fx"]
         except FileNotFoundError:
             raise FileNotFoundError(f"Cityscapes file {str(path)!r} not found") from None
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"Cityscapes camera file {str(path)!r} must be JSON with extrinsic.baseline "
-                             f"and intrinsic.fx numbers ({type(e).__name__}: {e})") from e
-        if not (baseline > 0 and fx > 0):
-            raise ValueError(f"Cityscapes camera file {str(path)!r}: baseline and fx must be > 0, "
-                             f"got {baseline} and {fx}")
-        return baseline, fx
+        except (ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError is a ValueError
+            raise DataFileError(f"Cityscapes camera file {str(path)!r} must be JSON with extrinsic.baseline "
+                                f"and intrinsic.fx numbers ({type(e).__name__}: {e})", path) from e
+        except OSError as e:
+            raise DataFileError(f"Cityscapes camera file {str(path)!r} could not be read ({e})", path) from e
+        values = [as_real(v) for v in (baseline, fx)]
+        # json reads NaN and Infinity; inf would make every depth inf, i.e. silently invalid
+        if not all(v is not None and math.isfinite(v) and v > 0 for v in values):
+            raise DataFileError(f"Cityscapes camera file {str(path)!r}: baseline and fx must be finite numbers "
+                                f"> 0, got {baseline!r} and {fx!r}", path)
+        return values[0], values[1]
 
     def __getitem__(self, index) -> Sample:
         city, stem = self._stems[check_index(index, len(self), "Cityscapes")]
         ipath, lpath = self._path("leftImg8bit", city, stem), self._path("gtFine", city, stem)
         dpath, cpath = self._path("disparity", city, stem), self._path("camera", city, stem)
-        image = _read_png(ipath)
+        image = _read_png(ipath, "image")
         if image.ndim == 3 and image.shape[2] == 4:
             image = image[..., :3]
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"Cityscapes image {str(ipath)!r} must be an 8-bit RGB PNG, got shape "
-                             f"{image.shape} dtype {image.dtype}")
+            raise DataFileError(f"Cityscapes image {str(ipath)!r} must be an 8-bit RGB PNG, got shape "
+                                f"{image.shape} dtype {image.dtype}", ipath)
         h, w = image.shape[:2]
-        label = _read_png(lpath)
+        label = _read_png(lpath, "label", (h, w), "an 8-bit single-channel")
         if label.shape != (h, w) or label.dtype != np.uint8:
-            raise ValueError(f"Cityscapes label {str(lpath)!r} must be an 8-bit single-channel PNG of "
-                             f"size {(h, w)}, got shape {label.shape} dtype {label.dtype}")
-        disp = _read_png(dpath)
+            raise DataFileError(f"Cityscapes label {str(lpath)!r} must be an 8-bit single-channel PNG of "
+                                f"size {(h, w)}, got shape {label.shape} dtype {label.dtype}", lpath)
+        disp = _read_png(dpath, "disparity", (h, w), "a 16-bit single-channel")
         if disp.shape != (h, w) or disp.dtype not in (np.uint16, np.int32, np.uint8):
-            raise ValueError(f"Cityscapes disparity {str(dpath)!r} must be a 16-bit single-channel PNG "
-                             f"of size {(h, w)}, got shape {disp.shape} dtype {disp.dtype}")
+            raise DataFileError(f"Cityscapes disparity {str(dpath)!r} must be a 16-bit single-channel PNG "
+                                f"of size {(h, w)}, got shape {disp.shape} dtype {disp.dtype}", dpath)
         baseline, fx = self._camera(cpath)
 
         d = (disp.astype(np.float64) - 1.0) / 256.0

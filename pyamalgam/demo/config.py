@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 
 import torch
 
-__all__ = ["DemoConfig", "demo_config", "SEED_OFFSETS", "TASKS", "CACHE_VERSION"]
+from ..engine import OPTIMIZERS
+from ..teachers import MAX_DEPTH, MAX_WIDTH
+
+__all__ = ["CACHE_VERSION", "SEED_OFFSETS", "TASKS", "DemoConfig", "check_field", "demo_config"]
 
 TASKS = ("seg", "depth", "normal")
 CACHE_VERSION = 2  # bump when a stage's meaning changes
@@ -49,22 +54,105 @@ class DemoConfig:
         d["resolution"] = list(self.resolution)
         return d
 
-    def validate(self) -> "DemoConfig":
-        """Fail early, before hours of work, on settings the networks cannot take."""
+    def __post_init__(self) -> None:
+        self.validate()  # DemoConfig(...) and dataclasses.replace(...) never hold a bad value
+
+    def validate(self) -> DemoConfig:
+        """Check (and normalise: ints as int, reals as float, resolution as a tuple) every field,
+        then the fields that constrain each other; raise before any work on a setting the
+        networks cannot take. TypeError for a wrong type, ValueError for a wrong value; both
+        name the field."""
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                if value < (0 if f.name == "num_workers" else 1e-12):
-                    raise ValueError(f"demo config: {f.name} must be > 0, got {value!r}")
+            setattr(self, f.name, check_field(f.name, getattr(self, f.name)))
         divisor = 2 ** self.depth  # every pooling stage halves the image (SegNet's max-unpool needs it exact)
-        if len(self.resolution) != 2 or any(int(s) % divisor for s in self.resolution):
-            raise ValueError(f"demo config: resolution {tuple(self.resolution)} must be two multiples of "
-                             f"2^depth = {divisor}")
-        if self.amalgam_optimizer not in ("sgd", "adam"):
-            raise ValueError(f"demo config: amalgam_optimizer must be 'sgd' or 'adam', got {self.amalgam_optimizer!r}")
+        if any(s % divisor for s in self.resolution):
+            raise ValueError(f"demo config: resolution {self.resolution[0]}x{self.resolution[1]} must be two "
+                             f"multiples of 2^depth = {divisor} (depth {self.depth})")
         if self.test_size < self.figure_samples:
             raise ValueError(f"demo config: test_size ({self.test_size}) < figure_samples ({self.figure_samples})")
         return self
+
+
+# ------------------------------------------------------------------------- field checks
+# One rule per field: (value) -> normalised value, raising TypeError/ValueError that names the
+# field. Used by DemoConfig.validate (the Python API) and by the CLI's --set (check_field).
+
+def _integer(minimum: int, maximum: int | None = None):
+    def rule(name, value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # 2.0 is not a step count
+            raise TypeError(f"demo config: {name} must be an int, got {type(value).__name__} {value!r}")
+        value = int(value)
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+            raise ValueError(f"demo config: {name} must be an int {bound}, got {value}")
+        return value
+    return rule
+
+
+def _real(maximum: float | None = None):
+    """A finite real number > 0 (and <= ``maximum``): nan and inf pass no comparison-based check."""
+    def rule(name, value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"demo config: {name} must be a number, got {type(value).__name__} {value!r}")
+        value = float(value)
+        if not (math.isfinite(value) and value > 0 and (maximum is None or value <= maximum)):
+            bound = "> 0" if maximum is None else f"in (0, {maximum:g}]"
+            raise ValueError(f"demo config: {name} must be a finite number {bound}, got {value}")
+        return value
+    return rule
+
+
+def _flag(name, value):
+    if not isinstance(value, bool):  # 0/1 or "false" would be accepted by `if value:` with surprises
+        raise TypeError(f"demo config: {name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _resolution(name, value):
+    if isinstance(value, (list, torch.Size)):
+        value = tuple(value)
+    if not (isinstance(value, tuple) and len(value) == 2
+            and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)):
+        raise TypeError(f"demo config: {name} must be a pair (H, W) of ints, got {value!r}")
+    if min(value) < 1:
+        raise ValueError(f"demo config: {name} must be a pair (H, W) of positive ints, got {value!r}")
+    return tuple(int(v) for v in value)
+
+
+def _optimizer(name, value):
+    if value not in OPTIMIZERS:
+        raise ValueError(f"demo config: {name} must be one of {sorted(OPTIMIZERS)}, got {value!r}")
+    return value
+
+
+def _data(name, value):
+    if not isinstance(value, str):
+        raise TypeError(f"demo config: {name} must be a string, got {type(value).__name__} {value!r}")
+    kind, sep, root = value.partition(":")
+    if not (value == "synthetic" or (kind in ("nyuv2", "cityscapes") and sep and root)):
+        raise ValueError(f"demo config: {name} must be 'synthetic', 'nyuv2:ROOT' or 'cityscapes:ROOT', "
+                         f"got {value!r}")
+    return value
+
+
+_RULES = {
+    "resolution": _resolution, "width": _real(MAX_WIDTH), "depth": _integer(1, MAX_DEPTH),
+    "num_bins": _integer(2), "train_size": _integer(1), "unlabelled_size": _integer(1), "test_size": _integer(1),
+    "batch_size": _integer(1), "teacher_steps": _integer(1), "teacher_lr": _real(), "block_steps": _integer(1),
+    "finetune_steps": _integer(1), "finetune_variants": _flag, "amalgam_lr": _real(),
+    "amalgam_optimizer": _optimizer, "probe_images": _integer(1),
+    "target_cache_mb": _integer(1),  # the stages precompute teacher targets: a cache is needed
+    "eval_batch": _integer(1), "figure_samples": _integer(1), "num_workers": _integer(0),
+    "channels_last": _flag, "data": _data,
+}
+
+
+def check_field(name: str, value):
+    """``value`` for the DemoConfig field ``name``, checked on its own and normalised (the
+    checks between fields are :meth:`DemoConfig.validate`'s)."""
+    if name not in _RULES:
+        raise ValueError(f"demo config: unknown field {name!r}; fields: {sorted(_RULES)}")
+    return _RULES[name](name, value)
 
 
 def demo_config(quick: bool = False, device="cpu", **overrides) -> DemoConfig:

@@ -5,7 +5,6 @@ import copy
 import dataclasses
 import json
 import time
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -13,7 +12,9 @@ import torch
 from .._checks import as_int
 from .._io import atomic_write
 from ..amalgamation.branch import decoder_candidates
+from ..engine import FolderLock
 from ..models import count_parameters
+from ..teachers import check_output_folder
 from .config import TASKS, DemoConfig, _default_device, demo_config
 from .evaluation import evaluate, predict_samples
 from .stages import _Amalgamation, _log, _stage_data, _stage_teacher
@@ -129,9 +130,10 @@ def run_demo(out="runs/demo", *, device=None, quick: bool = False, seed: int = 0
         threads: torch CPU threads (default: torch's choice).
         data: "synthetic" (default) or a real data set spec (``nyuv2:/path``); see docs/demo.md.
         echo: print the tables to stdout.
-    """
-    from .. import report
 
+    One demo at a time per ``out``: a second process on the same folder is refused
+    (:class:`~pyamalgam.engine.FolderInUseError`, exit code 2) while the first holds its lock.
+    """
     t_start = time.perf_counter()
     device = _default_device(device)
     checked = as_int(seed)
@@ -142,8 +144,17 @@ def run_demo(out="runs/demo", *, device=None, quick: bool = False, seed: int = 0
     cfg = (dataclasses.replace(cfg, data=data) if data is not None else cfg).validate()
     if threads is not None:
         torch.set_num_threads(threads)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_folder(out)  # an unwritable run folder fails here, naming it, not after the first stage
+    # held until the run ends, however it ends, with the stages' locks inside (docs/robustness.md)
+    with FolderLock(out, "out (--out)", subfolders=True):
+        return _run_locked(out, cfg, device=device, seed=seed, quick=quick, progress=progress, echo=echo,
+                           t_start=t_start)
+
+
+def _run_locked(out, cfg, *, device, seed, quick, progress, echo, t_start) -> dict:
+    """The stages of :func:`run_demo` in ``out``, whose lock this process holds."""
+    from .. import report
+
     atomic_write(out / "config.json", json.dumps({"config": cfg.to_json(), "device": str(device), "seed": seed,
                                                   "quick": quick}, indent=1) + "\n")
     _log(f"[demo] run dir {out} | device {device} | {cfg.resolution[0]}x{cfg.resolution[1]} images, width "

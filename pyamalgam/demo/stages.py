@@ -2,7 +2,9 @@
 
 Each stage's file carries a key (a hash of everything it depends on, upstream stages included);
 :func:`cached_stage` returns it only when the key matches and the file reads, so a stale, torn or
-foreign file makes the stage run again instead of failing the run.
+foreign file makes the stage run again instead of failing the run. Every corrupt cache file is
+treated the same way: a ``[demo] warning:`` line on stderr names it, and the stage runs again
+(a stale one, written for other settings, is rebuilt silently); docs/robustness.md.
 """
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ from tqdm import tqdm
 from .._io import atomic_write
 from ..amalgamation import Amalgamator
 from ..amalgamation.branch import decoder_candidates
-from ..engine import load_checkpoint, save_checkpoint
+from ..amalgamation.checkpoints import CHECKPOINT_NAME
+from ..engine import CorruptFileError, check_tensors, load_checkpoint, save_checkpoint
+from ..engine.schema import read_json
 from ..models import count_parameters
 from ..teachers import (
     load_teacher,
@@ -47,7 +51,8 @@ def cached_stage(path: Path, key: str) -> tuple | None:
         return None
     try:
         tensors, meta = load_checkpoint(path)
-    except _UNREADABLE:
+    except _UNREADABLE as e:
+        _warn(f"{path} is unreadable ({e}); its stage runs again")
         return None
     return (tensors, meta) if meta.get("key") == key else None
 
@@ -58,10 +63,23 @@ def _key(*parts) -> str:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+    """The JSON object in ``path``; {} if it is missing, or (with a warning) unreadable."""
+    if not path.is_file():
         return {}
+    try:
+        doc = read_json(path)
+    except (OSError, ValueError) as e:
+        doc = e
+    if not isinstance(doc, dict):
+        _warn(f"{path} is unreadable ({doc if isinstance(doc, Exception) else 'not a JSON object'}); its stage "
+              f"runs again")
+        return {}
+    return doc
+
+
+def _warn(msg: str) -> None:
+    """A corrupt cache file: always said (also under --no-progress), once, on stderr."""
+    tqdm.write(f"[demo] warning: {msg}", file=sys.stderr)
 
 
 def _log(msg: str, progress: bool) -> None:
@@ -104,7 +122,13 @@ def _materialise(ds, path: Path, key: str, cfg: DemoConfig, progress: bool) -> I
     """Render a synthetic split once into one safetensors file (or load it if the key matches)."""
     hit = cached_stage(path, key)
     if hit is not None:
-        return InMemoryScenes(hit[0], **hit[1]["attrs"])
+        try:
+            data = InMemoryScenes(hit[0], **hit[1]["attrs"])
+            if len(data) == len(ds):
+                return data
+            _warn(f"{path} holds {len(data)} images, not {len(ds)}; rendering again")
+        except (KeyError, TypeError, ValueError) as e:  # a matching key with a layout that does not fit
+            _warn(f"{path} does not hold a rendered split ({e!r}); rendering again")
     loader = DataLoader(ds, batch_size=32, num_workers=cfg.num_workers)
     parts: dict = {}
     with tqdm(total=len(ds), desc=f"render {ds.split}", disable=not progress, leave=False) as bar:
@@ -141,8 +165,8 @@ def _stage_teacher(task, cfg, train, data_key, out: Path, device, seed, progress
         try:
             net, record = load_teacher(path, device=device)
             return net, record, key, True
-        except _UNREADABLE:  # torn weights: train again
-            pass
+        except _UNREADABLE as e:  # torn weights: train again
+            _warn(f"the cached teacher {path} is unreadable ({e}); training it again")
     net, record = train_teacher(
         task, train, steps=cfg.teacher_steps, batch_size=cfg.batch_size, lr=cfg.teacher_lr, width=cfg.width,
         depth=cfg.depth, num_bins=cfg.num_bins, channels_last=cfg.channels_last, device=device,
@@ -178,11 +202,17 @@ class _Amalgamation:
         if stale:
             atomic_write(self.key_file, json.dumps({"key": self.key, "stage": name, "fit_done": False}) + "\n")
         self.cached = not stale and bool(state.get("fit_done"))
-        torch.manual_seed(self.seed)  # the channel codings' initialisation is this stage's first draw
-        self.am = Amalgamator(teachers, lr=cfg.amalgam_lr, optimizer=cfg.amalgam_optimizer, device=device,
-                              channels_last=cfg.channels_last, checkpoint_dir=self.dir, progress=progress, cache_targets=cfg.target_cache_mb * 2**20)
+        self.teachers, self.device, self.progress = teachers, device, progress
+        self.am = self._new_amalgamator()
         self.results: dict = {}
         self._warm = False
+
+    def _new_amalgamator(self) -> Amalgamator:
+        cfg = self.cfg
+        torch.manual_seed(self.seed)  # the channel codings' initialisation is this stage's first draw
+        return Amalgamator(self.teachers, lr=cfg.amalgam_lr, optimizer=cfg.amalgam_optimizer, device=self.device,
+                           channels_last=cfg.channels_last, checkpoint_dir=self.dir, progress=self.progress,
+                           cache_targets=cfg.target_cache_mb * 2**20)
 
     def _warm_cache(self) -> None:
         """Teacher targets of every unlabelled image, once (unshuffled: no random draw)."""
@@ -191,6 +221,21 @@ class _Amalgamation:
             self._warm = True
 
     def fit(self) -> None:
+        """The block-wise fit, resumed from the stage's checkpoint; a corrupt checkpoint is
+        rebuilt: a fresh Amalgamator fits from scratch, as a first run would."""
+        try:
+            self._fit()
+        except CorruptFileError as e:
+            checkpoint = self.dir / CHECKPOINT_NAME
+            if Path(e.path).resolve() != checkpoint.resolve():
+                raise
+            _warn(f"{e}; the block-wise fit of {self.name} runs again")
+            checkpoint.unlink(missing_ok=True)
+            self.cached, self._warm = False, False
+            self.am = self._new_amalgamator()
+            self._fit()
+
+    def _fit(self) -> None:
         if not self.cached:
             self._warm_cache()
         loader = _loader(self.unlabelled, self.cfg, self.seed)
@@ -212,11 +257,15 @@ class _Amalgamation:
         net, cached, seconds = self.am.target_net, False, 0.0
         hit = cached_stage(path, key)
         if hit is not None:
-            try:
+            try:  # checked before the copy: load_state_dict copies what fits, then raises
+                check_tensors(net.state_dict(), hit[0], f"{path}: the fine-tuned TargetNet", path)
                 net.load_state_dict(hit[0])
                 cached, seconds = True, hit[1].get("seconds", 0.0)
-            except RuntimeError:  # a key collision with another architecture: fine-tune again
-                cached = False
+                seconds = seconds if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) else 0.0
+                if isinstance(hit[1].get("log"), dict):  # the fine-tune's log record: the log shows it once
+                    self.am.engine.log.write(hit[1]["log"])
+            except CorruptFileError as e:  # a key collision with another architecture: fine-tune again
+                _warn(f"{e}; fine-tuning again")
         if not cached:
             self._warm_cache()
             loader = _loader(self.unlabelled, self.cfg, self.finetune_seed)
@@ -224,7 +273,8 @@ class _Amalgamation:
             t0 = time.perf_counter()
             net = self.am.finetune(loader, math.ceil(self.cfg.finetune_steps / len(loader)), max_steps=self.cfg.finetune_steps)
             seconds = time.perf_counter() - t0
-            save_checkpoint(path, net.state_dict(), {"key": key, "points": chosen, "seconds": round(seconds, 3)})
+            save_checkpoint(path, net.state_dict(), {"key": key, "points": chosen, "seconds": round(seconds, 3),
+                                                     "log": self.am.history[-1]})
         net.eval()
         self.results[variant] = {"points": chosen, "params": count_parameters(net), "cached": cached,
                                  "finetune_seconds": round(seconds, 3)}

@@ -30,7 +30,7 @@ def _fails(argv, capsys, *needles, code=2):
     (["demo", "--data", "nyuv2"], "needs its folder"),
     (["demo", "--data", "cityscapes:/no/such/folder"], "no folder"),
     (["demo", "--set", "nosuch=1"], "KEY=VALUE"),
-    (["demo", "--set", "teacher_steps=many"], "teacher_steps needs a int"),
+    (["demo", "--set", "teacher_steps=many"], "teacher_steps needs an int"),
     (["demo", "--bogus"], "unrecognized arguments"),
     (["train-teacher"], "--task"),
     (["train-teacher", "--task", "edges"], "invalid choice"),
@@ -39,6 +39,13 @@ def _fails(argv, capsys, *needles, code=2):
     (["train-teacher", "--task", "seg", "--resolution", "tall"], "HxW"),
     (["train-teacher", "--task", "seg", "--resolution", "48x64"], "multiples of 2^depth = 32"),
     (["train-teacher", "--task", "seg", "--optimizer", "lbfgs"], "invalid choice"),
+    (["train-teacher", "--task", "seg", "--depth", "6"], "argument --depth"),
+    (["train-teacher", "--task", "seg", "--width", "nan"], "argument --width"),
+    (["train-teacher", "--task", "seg", "--num-bins", "1"], "argument --num-bins"),
+    (["demo", "--set", "width=nan"], "width must be a finite number"),
+    (["demo", "--set", "depth=6"], "depth must be an int in [1, 5]"),
+    (["demo", "--set", "teacher_lr=inf"], "teacher_lr must be a finite number > 0"),
+    (["selfcheck", "--device", "bogus"], "cpu, cuda or cuda:N"),
 ])
 def test_bad_arguments_exit_2(argv, needle, capsys):
     _fails(argv, capsys, needle)
