@@ -19,7 +19,7 @@ ALLOWED = {
     "models": {"ops", "nn", "losses"},
     "engine": set(),  # the training machinery knows no network, no loss, no data set
     "amalgamation": {"engine", "models", "nn", "losses", "ops"},
-    "teachers": {"engine", "models", "nn", "losses", "ops", "data", "metrics"},
+    "teachers": {"engine", "models", "nn", "losses", "ops", "data", "metrics"},  # a package: the trainer, its files, the command
     "report": {"metrics"},
     "demo": {"engine", "models", "nn", "losses", "ops", "data", "metrics", "amalgamation", "teachers", "report"},
     "cli": {"demo", "teachers", "selfcheck", "data", "engine", "amalgamation"},
