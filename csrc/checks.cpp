@@ -103,6 +103,10 @@ void channel_coding_args(const char* op, const at::Tensor& x, const at::Tensor& 
 void soft_argmax_depth_args(const char* op, const at::Tensor& logits, double bin_size) {
   check_floating(op, "logits", logits);
   check_dims(op, "logits", logits, 4);
+  // A softmax over no bins has no value (the kernels would return 0 / 0): refused, even for an
+  // otherwise empty tensor.
+  TORCH_CHECK(logits.size(1) >= 1, op, ": logits must have at least one depth bin (logits.shape[1] >= 1), got shape ",
+              shape_str(logits.sizes()));
   TORCH_CHECK(std::isfinite(bin_size) && bin_size > 0, op, ": bin_size must be a finite number > 0, got ", bin_size);
 }
 
@@ -133,7 +137,9 @@ void pairwise_affinity_loss_args(const char* op, const at::Tensor& fs, const at:
               shape_str(fs.sizes()), ", ft is ", shape_str(ft.sizes()));
   check_dtype_of(op, "ft", ft, "fs", fs);
   check_device_of(op, "ft", ft, "fs", fs);
-  // The node grid is ceil(H / patch) x ceil(W / patch): patch 0 would divide by zero.
+  // The node grid is ceil(H / patch) x ceil(W / patch): patch 0 would divide by zero. A patch
+  // beyond the map is legal: one node per image (the kernels clamp it to max(H, W), see
+  // csrc/pairwise_affinity.cpp, so that no size computation overflows).
   TORCH_CHECK(patch >= 1, op, ": patch must be >= 1, got ", patch);
 }
 

@@ -25,7 +25,7 @@ void check_channel_coding(const at::Tensor& x, const at::Tensor& w1, const at::T
 void check_channel_coding_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w1,
                                    const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2);
 
-// logits (B, K, H, W) floating; bin_size finite and > 0.
+// logits (B, K, H, W) floating with K >= 1 (at least one depth bin); bin_size finite and > 0.
 void check_soft_argmax_depth(const at::Tensor& logits, double bin_size);
 // The forward's checks, and grad floating with the result's shape (B, H, W) and logits' device.
 void check_soft_argmax_depth_backward(const at::Tensor& grad, const at::Tensor& logits, double bin_size);
@@ -37,7 +37,8 @@ void check_si_depth_loss(const at::Tensor& pred, const at::Tensor& target, const
 void check_si_depth_loss_backward(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
                                   const std::optional<at::Tensor>& mask);
 
-// fs (B, Cs, H, W) floating; ft (B, Ct, H, W) of fs's dtype and device; patch >= 1.
+// fs (B, Cs, H, W) floating; ft (B, Ct, H, W) of fs's dtype and device; patch >= 1 (any larger
+// value too: beyond max(H, W) it means one node per image).
 void check_pairwise_affinity_loss(const at::Tensor& fs, const at::Tensor& ft, int64_t patch);
 // The forward's checks, and grad floating with one element, on fs's device.
 void check_pairwise_affinity_loss_backward(const at::Tensor& grad, const at::Tensor& fs, const at::Tensor& ft,

@@ -19,8 +19,15 @@
 // differences D) run in float64. The products of P and D with themselves then only need the
 // relative precision of the inputs: float32 for float32/16 inputs, float64 for float64 inputs.
 // The work is O(N C^2) and the memory O(N C).
+//
+// Edge cases: a patch beyond the map (>= max(H, W)) is clamped to max(H, W), which makes the same
+// one node per image, so that no size computation overflows (patch = 2^63 - 1 gave NaN); an empty
+// batch or map (B, H or W = 0) has no node pair: the loss is 0 and the gradients are 0 (the mean
+// over no pairs would be 0 / 0).
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include "checks.h"
 #include "common.h"
@@ -28,6 +35,15 @@
 
 namespace pyamalgam {
 namespace {
+
+// The patch the node kernels get: a patch beyond the map covers it with one cell, as max(H, W)
+// does. Every node kernel (CPU and ATen) sees only this one.
+int64_t node_patch(const at::Tensor& f, int64_t patch) {
+  return std::min(patch, std::max<int64_t>({f.size(2), f.size(3), 1}));
+}
+
+// No node pair (B, H or W = 0): the loss is 0, with zero gradients.
+bool no_pairs(const at::Tensor& f) { return f.size(0) == 0 || f.size(2) == 0 || f.size(3) == 0; }
 
 // Generic (any device) versions of the node kernels in pairwise_affinity.h, built from ATen; the
 // CUDA entry points use them (compiled in every build, so a CPU-only build still checks them).
@@ -103,8 +119,10 @@ Sides prepare(const at::Tensor& fs, const at::Tensor& ft, int64_t patch, const N
   return r;
 }
 
-at::Tensor pairwise_loss(const at::Tensor& fs, const at::Tensor& ft, int64_t patch, const NodeKernels& k) {
-  check_pairwise_affinity_loss(fs, ft, patch);
+at::Tensor pairwise_loss(const at::Tensor& fs, const at::Tensor& ft, int64_t patch_in, const NodeKernels& k) {
+  check_pairwise_affinity_loss(fs, ft, patch_in);
+  if (no_pairs(fs)) return at::zeros({}, fs.options());
+  const int64_t patch = node_patch(fs, patch_in);
   const auto sd = prepare(fs, ft, patch, k);
   const auto& a = sd.student_is_b ? sd.t_hat : sd.s_hat;
   const auto& b = sd.student_is_b ? sd.s_hat : sd.t_hat;
@@ -120,8 +138,14 @@ at::Tensor pairwise_loss(const at::Tensor& fs, const at::Tensor& ft, int64_t pat
 //   4 M B  = P (G1 + Gdd) + D (Gpp + G1^T),   4 M A' = P (G1 - Gdd) + D (Gpp - G1^T).
 // Q is held fixed: the loss is the same for every Q with orthonormal rows.
 std::tuple<at::Tensor, at::Tensor> pairwise_loss_backward(const at::Tensor& grad, const at::Tensor& fs,
-                                                          const at::Tensor& ft, int64_t patch, const NodeKernels& k) {
-  check_pairwise_affinity_loss_backward(grad, fs, ft, patch);
+                                                          const at::Tensor& ft, int64_t patch_in,
+                                                          const NodeKernels& k) {
+  check_pairwise_affinity_loss_backward(grad, fs, ft, patch_in);
+  if (no_pairs(fs)) {
+    return {at::zeros(fs.sizes(), fs.options().memory_format(dense_format(fs))),
+            at::zeros(ft.sizes(), ft.options().memory_format(dense_format(ft)))};
+  }
+  const int64_t patch = node_patch(fs, patch_in);
   const auto sd = prepare(fs, ft, patch, k);
   const auto& a = sd.student_is_b ? sd.t_hat : sd.s_hat;
   const auto& b = sd.student_is_b ? sd.s_hat : sd.t_hat;

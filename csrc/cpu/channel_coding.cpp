@@ -34,9 +34,18 @@ void plane_sums(const scalar_t* x, const scalar_t* grad, const PlaneIndex& ix, i
       for (int64_t bc = begin; bc < end; ++bc) {
         const scalar_t* xp = x + bc * P;
         sum_x[bc] = lane_sum<acc_t>(P, [&](int64_t p) { return static_cast<acc_t>(xp[p]); });
+        // A run of 16 values summed in float overflows from ~2e37 (float32) although the plane's
+        // double sum does not: a sum that is not finite is done again in double (the same
+        // non-finite value when the plane holds inf or NaN; finite sums keep their bits).
+        if (!std::isfinite(sum_x[bc])) {
+          sum_x[bc] = lane_sum<double>(P, [&](int64_t p) { return static_cast<double>(xp[p]); });
+        }
         if (grad) {
           const scalar_t* gp = grad + bc * P;
           sum_gx[bc] = lane_sum<acc_t>(P, [&](int64_t p) { return static_cast<acc_t>(gp[p]) * static_cast<acc_t>(xp[p]); });
+          if (!std::isfinite(sum_gx[bc])) {
+            sum_gx[bc] = lane_sum<double>(P, [&](int64_t p) { return static_cast<double>(gp[p]) * static_cast<double>(xp[p]); });
+          }
         }
       }
     });
@@ -226,6 +235,7 @@ at::Tensor channel_coding(const at::Tensor& x_in, const at::Tensor& w1, const at
   const int64_t B = x.size(0), C = x.size(1), R = w1.size(0), P = x.size(2) * x.size(3);
   const PlaneIndex ix(x, format);
   auto out = at::empty(x.sizes(), x.options().memory_format(format));
+  if (out.numel() == 0) return out;  // an empty batch, no channel or an empty map: nothing to scale
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_coding_cpu", [&] {
     const auto se = Excitation::of<scalar_t>(w1, b1, w2, b2);
     std::vector<double> sum_x(B * C), pooled(B * C), hidden(B * R), scale(B * C);
@@ -251,6 +261,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_c
   const bool per_plane = constant_per_plane(grad_same_dtype);
   const auto grad = per_plane ? grad_same_dtype : grad_same_dtype.contiguous(format);
   auto grad_x = at::empty(x.sizes(), x.options().memory_format(format));
+  if (x.numel() == 0) {
+    // An empty result depends on no weight: zero gradients. (With planes of no pixel, H or W = 0,
+    // the pooled mean would be 0 / 0 = NaN and reach them through the FC backward.)
+    return {grad_x, at::zeros_like(w1, at::MemoryFormat::Contiguous), at::zeros_like(b1, at::MemoryFormat::Contiguous),
+            at::zeros_like(w2, at::MemoryFormat::Contiguous), at::zeros_like(b2, at::MemoryFormat::Contiguous)};
+  }
   at::Tensor gw1, gb1, gw2, gb2;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_coding_backward_cpu", [&] {
     const auto se = Excitation::of<scalar_t>(w1, b1, w2, b2);

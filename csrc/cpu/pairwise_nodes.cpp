@@ -7,6 +7,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -18,9 +19,12 @@ namespace {
 
 struct Cells {
   int64_t B, C, H, W, patch, hp, wp;
+  // A patch beyond the map is clamped to max(H, W): the same single cell, and H + patch - 1 or
+  // (i + 1) * patch can no longer overflow (patch = 2^63 - 1 gave NaN).
   Cells(const at::Tensor& f, int64_t patch_)
-      : B(f.size(0)), C(f.size(1)), H(f.size(2)), W(f.size(3)), patch(patch_),
-        hp((f.size(2) + patch_ - 1) / patch_), wp((f.size(3) + patch_ - 1) / patch_) {}
+      : B(f.size(0)), C(f.size(1)), H(f.size(2)), W(f.size(3)),
+        patch(std::min(patch_, std::max<int64_t>({f.size(2), f.size(3), 1}))),
+        hp((H + patch - 1) / patch), wp((W + patch - 1) / patch) {}
   int64_t nodes() const { return hp * wp; }
   // Offset of column w's cell in a row buffer of wp * C values; precomputed because an integer
   // division per element would dominate the pass.
@@ -71,7 +75,7 @@ std::pair<at::Tensor, at::Tensor> normalized_nodes(const at::Tensor& f_in, int64
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / g.hp, i = r % g.hp;
         std::fill(sums.begin(), sums.end(), 0.0);
-        for (int64_t h = i * patch; h < g.row_end(i); ++h) {
+        for (int64_t h = i * g.patch; h < g.row_end(i); ++h) {
           for_row(ix, g, b, h, [&](int64_t c, int64_t w, int64_t e) {
             sums[cell[w] + c] += static_cast<double>(x[e]);
           });
@@ -121,7 +125,7 @@ at::Tensor normalized_nodes_backward(const at::Tensor& grad_hat_in, const at::Te
           const double scale = k[node] / g.count(i, j);
           for (int64_t c = 0; c < g.C; ++c) cell_grad[j * g.C + c] = (gn[c] - vn[c] * dot) * scale;
         }
-        for (int64_t h = i * patch; h < g.row_end(i); ++h) {
+        for (int64_t h = i * g.patch; h < g.row_end(i); ++h) {
           for_row(ix, g, b, h, [&](int64_t c, int64_t w, int64_t e) {
             o[e] = static_cast<scalar_t>(cell_grad[cell[w] + c]);
           });

@@ -1,11 +1,13 @@
 // Scale-invariant depth loss (paper 001 Eq. 3) on CPU.
 //
 // Per image, over the N valid pixels with d = target - pred: S1 = sum d, S2 = sum d^2, and
-// L = S2 / N - S1^2 / (2 N^2); the result is the mean over images with N > 0 (0 if none).
-// Sums are accumulated in double, which keeps float32 images of any size exact.
+// L = S2 / N - S1^2 / (2 N^2); the result is the mean over images with N > 0 (0 if none, and for
+// an empty batch or map). Sums are accumulated in double, which keeps float32 images of any size
+// exact; the loss is rounded to the dtype only at the end, as a cast rounds (inf beyond its range).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 
 #include <algorithm>
 #include <vector>
@@ -62,9 +64,10 @@ std::vector<Moments> image_moments(const scalar_t* pred, const scalar_t* target,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flat(const at::Tensor& pred, const at::Tensor& target,
                                                     const std::optional<at::Tensor>& mask) {
-  const int64_t B = pred.size(0);
-  auto m = mask.has_value() ? mask->reshape({B, -1}).contiguous() : at::Tensor();
-  return {pred.reshape({B, -1}).contiguous(), target.reshape({B, -1}).contiguous(), m};
+  // (B, P) with P spelled out: reshape({B, -1}) is ambiguous for an empty batch.
+  const int64_t B = pred.size(0), P = c10::multiply_integers(pred.sizes().slice(1));
+  auto m = mask.has_value() ? mask->reshape({B, P}).contiguous() : at::Tensor();
+  return {pred.reshape({B, P}).contiguous(), target.reshape({B, P}).contiguous(), m};
 }
 
 }  // namespace
@@ -73,18 +76,23 @@ at::Tensor si_depth_loss(const at::Tensor& pred_in, const at::Tensor& target_in,
                          const std::optional<at::Tensor>& mask_in) {
   auto [pred, target, mask] = flat(pred_in, target_in, mask_in);
   const int64_t B = pred.size(0), P = pred.size(1);
-  double total = 0;
-  int64_t images = 0;
+  double loss = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "si_depth_loss_cpu", [&] {
     const auto mom = image_moments<scalar_t>(pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(),
                                              mask.defined() ? mask.const_data_ptr<bool>() : nullptr, B, P);
+    double total = 0;
+    int64_t images = 0;
     for (const auto& m : mom) {
       if (m.n == 0) continue;
       total += m.s2 / m.n - m.s1 * m.s1 / (2 * m.n * m.n);
       ++images;
     }
+    // Rounded to the dtype here, as a float64 -> dtype cast (.to()) rounds: a value beyond its
+    // range becomes inf, which at::scalar_tensor would refuse with an overflow error. In range,
+    // the rounded value converts back exactly: the same bits as before.
+    loss = static_cast<double>(static_cast<scalar_t>(images ? total / images : 0.0));
   });
-  return at::scalar_tensor(images ? total / images : 0.0, pred.options());
+  return at::scalar_tensor(loss, pred.options());
 }
 
 // dL/dd_p = (2 d_p / N - S1 / N^2) / M for valid p (M = images with a valid pixel);

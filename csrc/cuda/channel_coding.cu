@@ -529,14 +529,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_c
   auto gw2 = at::empty(p.w2.sizes(), p.w2.options());
   auto gb2 = at::empty(p.b2.sizes(), p.b2.options());
   auto finish = [&] { return std::make_tuple(grad_x, gw1, gb1, gw2, gb2); };
-  if (sh.B * sh.C == 0) {  // no plane: the weight gradients are empty sums
+  if (sh.B * sh.C * sh.P == 0) {
+    // An empty result (no plane, or planes of no pixel) depends on no weight: zero gradients, as
+    // on CPU. (With P = 0 the pooled mean would be 0 / 0 = NaN and reach them.)
     gw1.zero_();
     gb1.zero_();
     gw2.zero_();
     gb2.zero_();
     return finish();
   }
-  // With P == 0 (but planes) the sums are 0 and pooled = 0 / 0 = NaN, like the CPU kernel.
   const int sms = sm_count(x_in.get_device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "channel_coding_backward_cuda", [&] {

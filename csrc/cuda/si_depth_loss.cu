@@ -11,7 +11,10 @@
 //   coef_kernel      one block: per image  dL/dd = A d + B'  with A = 2 g / (N M), B' = -g S1 / (N^2 M)
 //                    (M = images with a valid pixel; g read on the device: no host sync);
 //   grad_kernel      grad_target = A d + B' on valid pixels, 0 elsewhere; grad_pred = -grad_target.
-// Per-thread sums run in the op-math type for at most kFlush vectors, then go into doubles.
+// The moments are float64 throughout (d = target - pred, its square and the per-thread sums), for
+// every dtype, as on CPU: d^2 of float32 depths beyond ~1e19 (or below ~1e-19) leaves the float
+// range although the loss may be well inside it. The loss is rounded to the dtype once, as a cast
+// rounds (inf beyond its range). An empty batch or map gives 0 (and zero-size gradients).
 // Pixels outside the mask are skipped with a select, so a NaN there never reaches a sum; a NaN
 // on a valid pixel propagates.
 #include <ATen/Dispatch.h>
@@ -21,6 +24,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -70,7 +74,7 @@ template <typename scalar_t, int VEC, bool MASK>
 __global__ void __launch_bounds__(kThreads)
     moments_kernel(const scalar_t* __restrict__ pred, const scalar_t* __restrict__ target,
                    const bool* __restrict__ mask, int64_t P, int S, int64_t chunk, double* __restrict__ part) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = double;  // not the op-math type: see the top of the file
   const Range rg = block_range(P, S, chunk);
   const int64_t base = rg.b * P;
   constexpr int64_t step = int64_t(kThreads) * VEC;
@@ -207,11 +211,11 @@ struct Flat {
 Flat flatten(const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& mask) {
   Flat f;
   f.B = pred.size(0);
-  f.pred = pred.reshape({f.B, -1}).contiguous();
-  f.target = target.reshape({f.B, -1}).contiguous();
-  f.P = f.pred.size(1);
+  f.P = c10::multiply_integers(pred.sizes().slice(1));  // not -1: ambiguous for an empty batch
+  f.pred = pred.reshape({f.B, f.P}).contiguous();
+  f.target = target.reshape({f.B, f.P}).contiguous();
   if (mask.has_value() && mask->defined()) {
-    f.mask = mask->reshape({f.B, -1}).contiguous();
+    f.mask = mask->reshape({f.B, f.P}).contiguous();
   }
   return f;
 }

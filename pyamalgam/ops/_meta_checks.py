@@ -87,6 +87,8 @@ def soft_argmax_depth(logits, bin_size, grad=None) -> None:
     op = "soft_argmax_depth" if grad is None else "soft_argmax_depth_backward"
     _floating(op, "logits", logits)
     _dims(op, "logits", logits, 4)
+    _check(op, logits.shape[1] >= 1, lambda: (
+        f"logits must have at least one depth bin (logits.shape[1] >= 1), got shape {tuple(logits.shape)}"))
     message = lambda: f"bin_size must be a finite number > 0, got {_format_float(bin_size)}"
     # Two comparisons rather than math.isfinite, which a symbolic float does not take.
     _check(op, bin_size > 0, message)

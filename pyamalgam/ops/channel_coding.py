@@ -18,6 +18,9 @@ def channel_coding(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torc
         x: features (B, C, H, W), any layout (NCHW or channels_last kept).
         w1: (R, C) weight of the squeezing FC layer, b1: (R,).
         w2: (C, R) weight of the expanding FC layer, b2: (C,).
+
+    An empty ``x`` (B, C, H or W = 0) gives an empty result and zero weight gradients: the result
+    depends on no weight (the mean of a plane of no pixel is not taken, where it would be NaN).
     """
     v.tensor("x", x, ndim=4)
     for name, t, nd in (("w1", w1, 2), ("b1", b1, 1), ("w2", w2, 2), ("b2", b2, 1)):

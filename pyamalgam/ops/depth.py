@@ -18,13 +18,18 @@ def soft_argmax_depth(logits: torch.Tensor, bin_size: float) -> torch.Tensor:
     stable softmax.
 
     Args:
-        logits: (B, N_d, H, W) bin scores r.
+        logits: (B, N_d, H, W) bin scores r, N_d >= 1 (no bins is refused: the softmax of nothing
+            has no value). B, H or W may be 0: the result is then empty.
         bin_size: l, the depth covered by one bin (> 0), e.g. ``max_depth / N_d``.
 
     Returns:
         depth (B, H, W), same dtype as ``logits``.
     """
     v.tensor("logits", logits, ndim=4)
+    if logits.shape[1] < 1:
+        raise ValueError(
+            f"logits must have at least one depth bin (logits.shape[1] >= 1), got shape {tuple(logits.shape)}"
+        )
     bin_size = v.positive_float("bin_size", bin_size)
     return torch.ops.pyamalgam.soft_argmax_depth.default(logits, bin_size)
 
@@ -63,8 +68,10 @@ def si_depth_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch
 
     For image i with ``d = target - pred`` over its N valid pixels:
     ``L_i = (1/N) sum d^2 - (1/(2 N^2)) (sum d)^2``. The result is the mean of ``L_i`` over the
-    images with at least one valid pixel; a batch with none gives 0 and zero gradients (never NaN).
-    Pixels outside the mask are ignored entirely, even if they hold NaN.
+    images with at least one valid pixel; a batch with none gives 0 and zero gradients (never NaN),
+    and so does an empty batch or map (B, H or W = 0). Pixels outside the mask are ignored
+    entirely, even if they hold NaN. The loss is computed in float64 and rounded to the inputs'
+    dtype as a cast rounds: a value beyond the dtype's range is inf, never an error.
 
     Args:
         pred, target: (B, H, W) or (B, 1, H, W) depth, same shape, dtype and device.

@@ -8,6 +8,8 @@ from . import _validate as v
 
 __all__ = ["pairwise_affinity_loss"]
 
+_INT64_MAX = 2**63 - 1
+
 
 def pairwise_affinity_loss(fs: torch.Tensor, ft: torch.Tensor, patch: int = 1) -> torch.Tensor:
     """Full-graph pair-wise distillation loss (thesis Eq. 3.2 with alpha = all nodes).
@@ -15,7 +17,8 @@ def pairwise_affinity_loss(fs: torch.Tensor, ft: torch.Tensor, patch: int = 1) -
     Nodes are the non-overlapping ``patch x patch`` average pools of a feature map (a ragged border
     cell averages the pixels it has); each node's C-vector is L2-normalised (a zero vector stays
     zero), ``a_ij = f_i^T f_j``, and the loss is the mean over all node pairs of
-    ``(a^s_ij - a^t_ij)^2``, averaged over the batch.
+    ``(a^s_ij - a^t_ij)^2``, averaged over the batch. An empty batch or map (B, H or W = 0: no
+    node pairs) gives 0 and zero gradients, never NaN.
 
     The N x N affinity matrices are never formed: time and memory are linear in N, and the result
     is exact (float64 inside, cancellation-free also when student and teacher agree up to a
@@ -24,11 +27,13 @@ def pairwise_affinity_loss(fs: torch.Tensor, ft: torch.Tensor, patch: int = 1) -
     Args:
         fs: student features (B, Cs, H, W).
         ft: teacher features (B, Ct, H, W); Ct may differ from Cs, B, H, W may not.
-        patch: side of a node's cell in pixels (>= 1).
+        patch: side of a node's cell in pixels (>= 1). Any patch >= max(H, W) makes one node of
+            the whole image (the kernels clamp it to max(H, W), which gives the same nodes).
     """
     v.tensor("fs", fs, ndim=4)
     v.tensor("ft", ft, ndim=4)
-    patch = v.positive_int("patch", patch)
+    # The schema's int is an int64; a larger patch means one node per image as well.
+    patch = min(v.positive_int("patch", patch), _INT64_MAX)
     if fs.shape[0] != ft.shape[0] or fs.shape[2:] != ft.shape[2:]:
         raise ValueError(
             "fs and ft must have the same batch and spatial sizes (channels may differ): "
