@@ -18,6 +18,14 @@ TORCH_LIBRARY(pyamalgam, m) {
   m.def("si_depth_loss_backward(Tensor grad, Tensor pred, Tensor target, Tensor? mask) -> (Tensor, Tensor)");
   m.def("pairwise_affinity_loss(Tensor fs, Tensor ft, int patch) -> Tensor");
   m.def("pairwise_affinity_loss_backward(Tensor grad, Tensor fs, Tensor ft, int patch) -> (Tensor, Tensor)");
+  // Thesis 003. channel_wise_loss returns (loss, stats): stats (B, C, 3) float64 are the per-plane
+  // log-sum-exps and mean the backward needs instead of the two softmaxes (csrc/cpu/channel_wise.cpp).
+  m.def("channel_wise_loss(Tensor ys, Tensor yt, float temperature) -> (Tensor, Tensor)");
+  m.def("channel_wise_loss_backward(Tensor grad, Tensor ys, Tensor yt, Tensor stats, float temperature)"
+        " -> (Tensor, Tensor)");
+  // Thesis 003, Eq. 3.2 with a Chebyshev window of the given radius (csrc/cpu/pairwise_local.cpp).
+  m.def("pairwise_local_loss(Tensor fs, Tensor ft, int radius, int patch) -> Tensor");
+  m.def("pairwise_local_loss_backward(Tensor grad, Tensor fs, Tensor ft, int radius, int patch) -> (Tensor, Tensor)");
 }
 
 namespace py = pybind11;

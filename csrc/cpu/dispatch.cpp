@@ -10,6 +10,7 @@
 #include <string>
 
 #include "checks.h"
+#include "checks_distill.h"
 #include "cpu/dispatch.h"
 #include "cpu/kernels.h"
 #include "pairwise_affinity.h"
@@ -110,6 +111,33 @@ std::tuple<at::Tensor, at::Tensor> si_depth_loss_backward(const at::Tensor& grad
   return kernel(grad, pred, target, mask);
 }
 
+std::tuple<at::Tensor, at::Tensor> channel_wise_loss(const at::Tensor& ys, const at::Tensor& yt, double temperature) {
+  check_channel_wise_loss(ys, yt, temperature);
+  static const auto kernel = PYAMALGAM_CPU_KERNEL(channel_wise_loss);
+  return kernel(ys, yt, temperature);
+}
+
+std::tuple<at::Tensor, at::Tensor> channel_wise_loss_backward(const at::Tensor& grad, const at::Tensor& ys,
+                                                              const at::Tensor& yt, const at::Tensor& stats,
+                                                              double temperature) {
+  check_channel_wise_loss_backward(grad, ys, yt, stats, temperature);
+  static const auto kernel = PYAMALGAM_CPU_KERNEL(channel_wise_loss_backward);
+  return kernel(grad, ys, yt, stats, temperature);
+}
+
+at::Tensor pairwise_local_loss(const at::Tensor& fs, const at::Tensor& ft, int64_t radius, int64_t patch) {
+  check_pairwise_local_loss(fs, ft, radius, patch);
+  static const auto kernel = PYAMALGAM_CPU_KERNEL(pairwise_local_loss);
+  return kernel(fs, ft, radius, patch);
+}
+
+std::tuple<at::Tensor, at::Tensor> pairwise_local_loss_backward(const at::Tensor& grad, const at::Tensor& fs,
+                                                                const at::Tensor& ft, int64_t radius, int64_t patch) {
+  check_pairwise_local_loss_backward(grad, fs, ft, radius, patch);
+  static const auto kernel = PYAMALGAM_CPU_KERNEL(pairwise_local_loss_backward);
+  return kernel(grad, fs, ft, radius, patch);
+}
+
 }  // namespace
 
 // The pair-wise loss registers its CPU implementation in csrc/pairwise_affinity.cpp.
@@ -121,6 +149,10 @@ TORCH_LIBRARY_IMPL(pyamalgam, CPU, m) {
   m.impl("soft_argmax_depth_backward", &soft_argmax_depth_backward);
   m.impl("si_depth_loss", &si_depth_loss);
   m.impl("si_depth_loss_backward", &si_depth_loss_backward);
+  m.impl("channel_wise_loss", &channel_wise_loss);
+  m.impl("channel_wise_loss_backward", &channel_wise_loss_backward);
+  m.impl("pairwise_local_loss", &pairwise_local_loss);
+  m.impl("pairwise_local_loss_backward", &pairwise_local_loss_backward);
 }
 
 }  // namespace pyamalgam

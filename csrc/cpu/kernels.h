@@ -34,7 +34,23 @@
                                        const at::Tensor& inv, const at::Tensor& f, int64_t patch);          \
   }
 
+// The distillation losses of thesis 003 (csrc/cpu/channel_wise.cpp, csrc/cpu/pairwise_local.cpp).
+#define PYAMALGAM_DECLARE_DISTILL_CPU_KERNELS(isa)                                                          \
+  namespace pyamalgam::cpu::isa {                                                                           \
+  std::tuple<at::Tensor, at::Tensor> channel_wise_loss(const at::Tensor& ys, const at::Tensor& yt,           \
+                                                       double temperature);                                 \
+  std::tuple<at::Tensor, at::Tensor> channel_wise_loss_backward(const at::Tensor& grad, const at::Tensor& ys, \
+                                                                const at::Tensor& yt, const at::Tensor& stats, \
+                                                                double temperature);                        \
+  at::Tensor pairwise_local_loss(const at::Tensor& fs, const at::Tensor& ft, int64_t radius, int64_t patch);  \
+  std::tuple<at::Tensor, at::Tensor> pairwise_local_loss_backward(const at::Tensor& grad, const at::Tensor& fs, \
+                                                                  const at::Tensor& ft, int64_t radius,       \
+                                                                  int64_t patch);                             \
+  }
+
 PYAMALGAM_DECLARE_CPU_KERNELS(base)
+PYAMALGAM_DECLARE_DISTILL_CPU_KERNELS(base)
 #ifdef PYAMALGAM_CPU_HAVE_AVX2
 PYAMALGAM_DECLARE_CPU_KERNELS(avx2)
+PYAMALGAM_DECLARE_DISTILL_CPU_KERNELS(avx2)
 #endif

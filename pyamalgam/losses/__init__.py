@@ -1,6 +1,9 @@
-"""Task losses (Eq. 1, 3, 4), the task objects teachers declare, and Eq. 5's feature loss."""
+"""Task losses (Eq. 1, 3, 4), the task objects teachers declare, Eq. 5's feature loss, and the
+distillation losses of thesis 003 (Eqs. 3.1, 3.2, 3.4, 4.2-4.4)."""
+from . import distillation as _distillation
 from . import tasks as _tasks
+from .distillation import *  # noqa: F401,F403  (the names in distillation.__all__)
 from .feature import feature_loss
 from .tasks import *  # noqa: F401,F403  (the names in tasks.__all__)
 
-__all__ = [*_tasks.__all__, "feature_loss"]
+__all__ = [*_tasks.__all__, "feature_loss", *_distillation.__all__]

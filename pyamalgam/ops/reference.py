@@ -28,8 +28,10 @@ def channel_coding(x, w1, b1, w2, b2):
     """Channel coding (paper 001 §5.1.1, Fig. 3): a squeeze-excitation style rescale.
 
     ``s = sigmoid(w2 @ relu(w1 @ mean_HW(x) + b1) + b2)``, returns ``x * s[:, :, None, None]``.
+    An empty map (H or W = 0) gives an empty result, and zero gradients for the weights: its
+    mean is taken as 0 (the empty sum), not NaN, since the result does not depend on it.
     """
-    pooled = x.mean(dim=(2, 3))
+    pooled = x.mean(dim=(2, 3)) if x.shape[2] * x.shape[3] > 0 else x.sum(dim=(2, 3))
     hidden = torch.relu(pooled @ w1.t() + b1)
     scale = torch.sigmoid(hidden @ w2.t() + b2)
     return x * scale[:, :, None, None]
@@ -47,13 +49,13 @@ def si_depth_loss(pred, target, mask=None):
 
     With ``d = target - pred`` over the N valid pixels of an image:
     ``(1/N) sum d^2 - (1/(2 N^2)) (sum d)^2``. Images with no valid pixel are left out of the
-    mean; a batch with none at all gives 0 (and zero gradients).
+    mean; a batch with none at all gives 0 (and zero gradients), an empty one (B = 0) too.
     """
     if mask is None:
         mask = torch.ones_like(pred, dtype=torch.bool)
-    b = pred.shape[0]
-    d = (target - pred).reshape(b, -1)
-    m = mask.reshape(b, -1).to(d.dtype)
+    b, pixels = pred.shape[0], math.prod(pred.shape[1:])  # not -1: ambiguous when B = 0
+    d = (target - pred).reshape(b, pixels)
+    m = mask.reshape(b, pixels).to(d.dtype)
     d = torch.where(m > 0, d, torch.zeros_like(d))  # a masked NaN must not leak in
     n = m.sum(dim=1)
     s1 = d.sum(dim=1)
@@ -69,8 +71,10 @@ def si_depth_loss(pred, target, mask=None):
 def pool_nodes(f, patch):
     """Average ``patch x patch`` non-overlapping cells; a ragged border cell averages what it has.
 
-    Returns (B, N, C) with nodes in row-major order of the cell grid.
+    Returns (B, N, C) with nodes in row-major order of the cell grid. A patch beyond the map
+    (>= max(H, W)) makes one node of the whole image: it is clamped to max(H, W), the same cell.
     """
+    patch = min(patch, max(f.shape[2], f.shape[3], 1))
     if patch == 1:
         pooled = f
     else:
@@ -94,9 +98,62 @@ def pairwise_affinity_loss(fs, ft, patch=1):
 
     ``a_ij = f_i^T f_j`` over L2-normalised node features; the loss is the mean over all node
     pairs of ``(a^s_ij - a^t_ij)^2``, averaged over the batch. Builds both N x N matrices.
+    An empty batch or map (B, H or W = 0: no node pairs) gives 0 and zero gradients.
     """
+    if fs.shape[0] * fs.shape[2] * fs.shape[3] == 0:
+        return (fs.sum() + ft.sum()) * 0  # the empty sum, connected to both inputs
     s = normalize_nodes(pool_nodes(fs, patch))
     t = normalize_nodes(pool_nodes(ft, patch))
     a_s = s @ s.transpose(1, 2)
     a_t = t @ t.transpose(1, 2)
     return ((a_s - a_t) ** 2).mean(dim=(1, 2)).mean()
+
+
+# --- Structured and channel-wise distillation (thesis 003, ch. 3-4) ---------------------------------
+__all__ += ["node_grid", "chebyshev_window", "pairwise_local_loss", "channel_wise_loss"]
+
+
+def node_grid(h, w, patch):
+    """(hp, wp): the node grid of a (h, w) map cut into patch x patch cells (ragged border kept)."""
+    return math.ceil(h / patch), math.ceil(w / patch)
+
+
+def chebyshev_window(hp, wp, radius, device=None):
+    """(N, N) bool, True where two nodes of an hp x wp grid are within Chebyshev distance ``radius``."""
+    ii, jj = torch.meshgrid(torch.arange(hp, device=device), torch.arange(wp, device=device), indexing="ij")
+    ii, jj = ii.flatten(), jj.flatten()
+    dist = torch.maximum((ii[:, None] - ii[None, :]).abs(), (jj[:, None] - jj[None, :]).abs())
+    return dist <= radius
+
+
+def pairwise_local_loss(fs, ft, radius, patch=1):
+    """Thesis §3.3.1, Eq. 3.2 with a local window: each node is connected to the nodes within
+    Chebyshev distance ``radius`` (itself included), ``alpha = min(2r+1, hp) * min(2r+1, wp)``.
+
+    ``loss = 1 / (N alpha) sum_i sum_{j in window(i)} (a^s_ij - a^t_ij)^2`` per image (the thesis'
+    beta / (W'H' alpha) with N = W'H' / beta nodes), averaged over the batch. Builds both N x N
+    affinity matrices and the N x N window mask.
+    """
+    s = normalize_nodes(pool_nodes(fs, patch))
+    t = normalize_nodes(pool_nodes(ft, patch))
+    hp, wp = node_grid(fs.shape[2], fs.shape[3], patch)
+    alpha = min(2 * radius + 1, hp) * min(2 * radius + 1, wp)
+    window = chebyshev_window(hp, wp, radius, device=fs.device).to(s.dtype)
+    diff = s @ s.transpose(1, 2) - t @ t.transpose(1, 2)
+    per_image = (diff * diff * window).sum(dim=(1, 2)) / (hp * wp * alpha)
+    return per_image.mean()
+
+
+def channel_wise_loss(ys, yt, temperature=1.0):
+    """Thesis ch. 4, Eqs. 4.3-4.4: channel-wise distillation.
+
+    Each channel of each image becomes a distribution over its H*W pixels,
+    ``phi(y_c) = softmax(y_c / T)``; the loss of an image is
+    ``T^2 / C * sum_c KL(phi(yt_c) || phi(ys_c))`` (teacher first, as printed), averaged over the
+    batch. Materialises both (B, C, H*W) softmaxes.
+    """
+    b, c = ys.shape[:2]
+    log_ps = torch.log_softmax(ys.reshape(b, c, -1) / temperature, dim=-1)
+    log_pt = torch.log_softmax(yt.reshape(b, c, -1) / temperature, dim=-1)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=-1)
+    return temperature**2 * kl.sum(dim=1).mean() / c
