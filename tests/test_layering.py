@@ -7,7 +7,7 @@ from pathlib import Path
 import pyamalgam
 
 ROOT = Path(pyamalgam.__file__).parent
-BASE = {"_checks", "_io", "_extension", "_testing"}
+BASE = {"_checks", "_io", "_extension", "_testing", "_interrupts"}
 # What each top-level module or package of pyamalgam may import (besides itself and BASE).
 ALLOWED = {
     "data": set(),
