@@ -275,7 +275,7 @@ for cid, expr in json.loads(sys.stdin.read()):
 @pytest.fixture(scope="module")
 def direct_results():
     """All cases in one child process; a crash fails the case that was running (and those after it)."""
-    out = subprocess.run([sys.executable, "-c", CHILD], input=json.dumps([(c, e) for c, e, _ in DIRECT]),
+    out = subprocess.run([sys.executable, "-P", "-c", CHILD], input=json.dumps([(c, e) for c, e, _ in DIRECT]),
                          capture_output=True, text=True, timeout=600, env=subprocess_env())
     results = {}
     for line in out.stdout.splitlines():

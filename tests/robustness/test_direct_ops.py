@@ -205,7 +205,7 @@ def _run_in_children(cases) -> dict:
     """id -> what the call did, from as few child processes as crashes allow."""
     results, pending = {}, [(cid, expr) for cid, expr, _ in cases]
     while pending:
-        out = subprocess.run([sys.executable, "-c", CHILD], check=False, input=json.dumps(pending),
+        out = subprocess.run([sys.executable, "-P", "-c", CHILD], check=False, input=json.dumps(pending),
                              capture_output=True, text=True, timeout=600, env=subprocess_env())
         running = None
         for line in out.stdout.splitlines():
