@@ -30,6 +30,21 @@ def tensor(name: str, t, ndim=None, floating: bool = True) -> None:
         )
 
 
+#: The dtypes the fused kernels take.
+FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def map_any_device(name: str, t) -> None:
+    """A 4-d floating tensor, on any device: what :func:`tensor` checks less its device rule, for
+    the ops with a device-generic path (they need no CUDA kernel)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must have 4 dimensions, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOATING:
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {t.dtype}")
+
+
 def same(attr: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None:
     """Check that every tensor in ``others`` has the same ``attr`` (device or dtype) as ``ref``."""
     want = getattr(ref, attr)

@@ -6,10 +6,12 @@ import math
 import torch
 
 from . import _validate as v
+from ._meta_checks import _check  # torch._check with the op name, as the other fake kernels
 
 __all__ = ["channel_wise_loss"]
 
-_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT = v.FLOATING
+_tensor = v.map_any_device
 
 
 def channel_wise_loss(ys: torch.Tensor, yt: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -41,16 +43,6 @@ def channel_wise_loss(ys: torch.Tensor, yt: torch.Tensor, temperature: float = 1
     return torch.ops.pyamalgam.channel_wise_loss.default(ys, yt, temperature)[0]
 
 
-def _tensor(name, t):
-    """What _validate.tensor checks, less its device rule: on CUDA this op needs no kernel."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name} must have 4 dimensions, got shape {tuple(t.shape)}")
-    if t.dtype not in _FLOAT:
-        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {t.dtype}")
-
-
 def _channel_wise_generic(ys, yt, temperature):
     """The same loss from ATen ops on any device (autograd keeps its softmaxes: not fused)."""
     acc = torch.promote_types(ys.dtype, torch.float32)
@@ -61,17 +53,13 @@ def _channel_wise_generic(ys, yt, temperature):
     return (temperature * temperature * kl.mean()).to(ys.dtype)
 
 
-# The C++ checks (csrc/checks_distill.cpp) for the fake kernels, same messages (torch._check takes
-# symbolic sizes).
-def _check(op, cond, message):
-    torch._check(cond, lambda: f"{op}: {message()}")
-
-
 def _format_float(value) -> str:
     """As C++ streams print a double (%g), e.g. 0, -1.5, nan."""
     return f"{value:g}" if isinstance(value, (int, float)) else str(value)
 
 
+# The C++ checks (csrc/checks_distill.cpp) for the fake kernels, same messages (torch._check takes
+# symbolic sizes).
 def _fake_checks(op, ys, yt, temperature):
     _check(op, ys.dtype in _FLOAT, lambda: (
         f"ys must be a floating-point tensor (float16, bfloat16, float32 or float64), got {ys.dtype}"))

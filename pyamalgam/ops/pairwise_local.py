@@ -5,11 +5,13 @@ import torch
 
 from .._checks import check_int
 from . import _validate as v
+from ._meta_checks import _check  # torch._check with the op name, as the other fake kernels
 from . import reference as ref
 
 __all__ = ["pairwise_local_loss"]
 
-_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT = v.FLOATING
+_tensor = v.map_any_device
 
 
 def pairwise_local_loss(fs: torch.Tensor, ft: torch.Tensor, radius: int, patch: int = 1) -> torch.Tensor:
@@ -46,16 +48,6 @@ def pairwise_local_loss(fs: torch.Tensor, ft: torch.Tensor, radius: int, patch: 
     return torch.ops.pyamalgam.pairwise_local_loss.default(fs, ft, radius, patch)
 
 
-def _tensor(name, t):
-    """What _validate.tensor checks, less its device rule: on CUDA this op needs no kernel."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name} must have 4 dimensions, got shape {tuple(t.shape)}")
-    if t.dtype not in _FLOAT:
-        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {t.dtype}")
-
-
 def _pairwise_local_generic(fs, ft, radius, patch):
     """The same loss from ATen ops on any device: for each offset (dy, dx) of the half window, the
     affinities of every node with its shifted neighbour, as one product of two shifted views."""
@@ -82,10 +74,6 @@ def _pairwise_local_generic(fs, ft, radius, patch):
 
 
 # The C++ checks (csrc/checks_distill.cpp) for the fake kernels, same messages.
-def _check(op, cond, message):
-    torch._check(cond, lambda: f"{op}: {message()}")
-
-
 def _fake_checks(op, fs, ft, radius, patch):
     _check(op, fs.dtype in _FLOAT, lambda: (
         f"fs must be a floating-point tensor (float16, bfloat16, float32 or float64), got {fs.dtype}"))
