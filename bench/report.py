@@ -45,7 +45,7 @@ def collect(raw: dict) -> tuple[list[dict], dict]:
         meta["copy_gbps"] = meta["copy_gbps"] or info.get("copy_gbps")
         meta["device"] = meta["device"] or info.get("device")
         meta["torch"] = meta["torch"] or info.get("torch")
-        if info["op"] in ("copy", "pairwise scaling", "pairwise peak memory"):
+        if info["op"] in ("copy", "pairwise scaling", "pairwise peak memory", "peak memory"):
             continue
         key = (info["op"], info["mode"], info.get("layout", "contiguous"), tuple(info["shape"]), info["dtype"])
         row = rows.setdefault(
@@ -110,14 +110,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def pairwise_tables(raw: dict) -> str:
-    """The pair-wise op's time against the number of nodes, and its peak memory (CPU run)."""
-    scaling, peaks = [], []
+    """The pair-wise op's time against the number of nodes, and each op's peak memory (CPU run)."""
+    scaling, peaks = [], {}
     for bench in raw.get("benchmarks", []):
         info = bench.get("extra_info", {})
         if info.get("op") == "pairwise scaling":
             scaling.append((info["nodes"], bench["stats"]["median"] * 1e3))
-        elif info.get("op") == "pairwise peak memory":
-            peaks.append((info["impl"], info["peak_extra_bytes"]))
+        elif info.get("op") in ("peak memory", "pairwise peak memory"):  # the latter: runs before 2026-12
+            case = info.get("case", "pairwise_affinity_loss B4 C64 64x64")
+            peaks.setdefault(case, {})[info["impl"]] = info["peak_extra_bytes"]
     lines = []
     if scaling:
         scaling.sort()
@@ -126,9 +127,13 @@ def pairwise_tables(raw: dict) -> str:
                   "", "| N | ms | ms per 1k nodes | time / time at N0 | N / N0 |", "|---:|---:|---:|---:|---:|"]
         lines += [f"| {n} | {t:.1f} | {1e3 * t / n:.2f} | {t / t0:.1f} | {n / n0:.0f} |" for n, t in scaling]
     if peaks:
-        lines += ["", "Pair-wise loss, B=4, C=64, 64x64, forward+backward: peak resident memory added (fresh process).",
-                  "", "| impl | peak MiB |", "|---|---:|"]
-        lines += [f"| {impl} | {b / 2**20:.0f} |" for impl, b in sorted(peaks)]
+        lines += ["", "Forward+backward (gradients to both inputs): peak resident memory added (fresh process).",
+                  "", "| case | fused MiB | eager MiB | fused / eager |", "|---|---:|---:|---:|"]
+        for case, by_impl in sorted(peaks.items()):
+            fused, eager = by_impl.get("fused"), by_impl.get("eager")
+            ratio = fused / eager if fused is not None and eager else None
+            lines.append(f"| {case} | {_fmt(fused and fused / 2**20, '.0f')} | {_fmt(eager and eager / 2**20, '.0f')} | "
+                         f"{_fmt(ratio, '.3f')} |")
     return "\n".join(lines) + ("\n" if lines else "")
 
 

@@ -7,7 +7,8 @@
 Each group holds the three implementations of one op, shape and mode (fwd or fwd+bwd), so the
 ratios come from the same run on the same machine; ``test_op_paired`` runs them interleaved, round
 after round, for ratios that a drifting machine cannot skew. ``test_pairwise_scaling`` records how the fused
-pair-wise op grows from N = 1k to 64k nodes; ``test_pairwise_peak_memory`` its peak memory.
+pair-wise op grows from N = 1k to 64k nodes; ``test_peak_memory`` the peak memory of the pair-wise,
+channel-wise and local pair-wise ops against their eager references.
 """
 import json
 import platform
@@ -26,25 +27,45 @@ torch.manual_seed(0)
 DEVICE = f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
 
 
-def _channel_coding(b=8, c=64, h=60, w=80):
+# Each case: (fused, reference, make(tiny) -> arguments, number of leading arguments that get
+# gradients). Under --benchmark-disable (the CI smoke, .ci/run) every case runs once on tiny
+# inputs: the point there is that the benchmarks still run, not their numbers.
+TINY = (2, 8, 9, 7)
+
+
+def _channel_coding(tiny, b=8, c=64, h=60, w=80):
+    b, c, h, w = TINY if tiny else (b, c, h, w)
     r = c // 4
     return [torch.randn(b, c, h, w), torch.randn(r, c) * 0.1, torch.zeros(r), torch.randn(c, r) * 0.1, torch.zeros(c)]
 
 
-def _pairwise(b=4, c=64, h=64, w=64):
-    return [torch.randn(b, c, h, w), torch.randn(b, c, h, w)]
+def _maps(*shape, n=2):
+    """``n`` random maps of ``shape`` (TINY when tiny)."""
+    return lambda tiny: [torch.randn(TINY if tiny else shape) for _ in range(n)]
 
 
-def _depth(b=8, h=240, w=320):
+def _depth(tiny, b=8, h=240, w=320):
+    b, _, h, w = TINY if tiny else (b, 1, h, w)
     return [torch.rand(b, h, w) * 10, torch.rand(b, h, w) * 10, torch.rand(b, h, w) > 0.1]
 
 
 CASES = {
     "channel_coding B8 C64 60x80": (ops.channel_coding, ref.channel_coding, _channel_coding, 5),
     "soft_argmax_depth B4 Nd64 120x160": (
-        lambda l: ops.soft_argmax_depth(l, 0.1), lambda l: ref.soft_argmax_depth(l, 0.1), lambda: [torch.randn(4, 64, 120, 160)], 1),
+        lambda l: ops.soft_argmax_depth(l, 0.1), lambda l: ref.soft_argmax_depth(l, 0.1), _maps(4, 64, 120, 160, n=1), 1),
     "si_depth_loss B8 240x320": (ops.si_depth_loss, ref.si_depth_loss, _depth, 2),
-    "pairwise_affinity_loss B4 C64 64x64": (ops.pairwise_affinity_loss, ref.pairwise_affinity_loss, _pairwise, 2),
+    "pairwise_affinity_loss B4 C64 64x64": (ops.pairwise_affinity_loss, ref.pairwise_affinity_loss, _maps(4, 64, 64, 64), 2),
+    # Thesis 003 at the sizes of issue 12: features B=8, C=128 at 64x64; 19-class logits at 128x256.
+    # T = 3 (thesis §4.4.1); the local window of Fig. 3.3 (A), alpha = 9 (radius 1, patch 1).
+    "channel_wise_loss B8 C128 64x64": (
+        lambda s, t: ops.channel_wise_loss(s, t, 3.0), lambda s, t: ref.channel_wise_loss(s, t, 3.0),
+        _maps(8, 128, 64, 64), 2),
+    "channel_wise_loss B8 K19 128x256": (
+        lambda s, t: ops.channel_wise_loss(s, t, 3.0), lambda s, t: ref.channel_wise_loss(s, t, 3.0),
+        _maps(8, 19, 128, 256), 2),
+    "pairwise_local_loss r1 B8 C128 64x64": (
+        lambda s, t: ops.pairwise_local_loss(s, t, 1), lambda s, t: ref.pairwise_local_loss(s, t, 1),
+        _maps(8, 128, 64, 64), 2),
 }
 _compiled = {}
 IMPLS = ("fused", "eager", "compile")
@@ -61,11 +82,11 @@ def _impl(name, impl):
     return _compiled[name]
 
 
-def _step(name, impl, mode):
+def _step(name, impl, mode, tiny=False):
     """One call of ``impl`` on fresh inputs of case ``name`` (and its backward for fwd+bwd)."""
     fn = _impl(name, impl)
     _, _, make, n_grad = CASES[name]
-    args = make()
+    args = make(tiny)
     if mode == "fwd+bwd":
         for a in args[:n_grad]:
             a.requires_grad_()
@@ -83,7 +104,8 @@ def _step(name, impl, mode):
 
 
 def _info(name, mode, args):
-    return dict(op=name.split()[0], mode=mode, shape=list(args[0].shape),
+    # op: the words before the shape, e.g. "pairwise_local_loss r1"
+    return dict(op=name.split(" B")[0], mode=mode, shape=list(args[0].shape),
                 dtype=str(args[0].dtype).removeprefix("torch."), device=DEVICE, torch=torch.__version__)
 
 
@@ -91,7 +113,7 @@ def _info(name, mode, args):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_op(benchmark, name, impl, mode):
-    step, args = _step(name, impl, mode)
+    step, args = _step(name, impl, mode, tiny=benchmark.disabled)
     benchmark.group = f"{name} {mode}"
     benchmark.extra_info.update(impl=impl, **_info(name, mode, args))
     benchmark.pedantic(step, rounds=ROUNDS, iterations=_iterations(benchmark, step))
@@ -104,14 +126,19 @@ def test_op_paired(benchmark, name, mode):
 
     test_op times one implementation after the other, so a shared machine whose speed drifts
     between them (it does, by 2x at times) skews their ratios; interleaving cancels the drift.
+    Each implementation's turn in a round starts with one untimed call (see one_round).
     """
-    made = {impl: _step(name, impl, mode) for impl in IMPLS}
+    made = {impl: _step(name, impl, mode, tiny=benchmark.disabled) for impl in IMPLS}
     steps = {impl: step for impl, (step, _) in made.items()}
     calls = {impl: _iterations(benchmark, step) for impl, step in steps.items()}
     seconds = {impl: [] for impl in IMPLS}
 
     def one_round():
         for impl, step in steps.items():
+            # One untimed call first: the previous implementation left cold caches, sleeping OpenMP
+            # threads and a churned heap (the eager pair-wise references move GBs), which the
+            # implementation timed right after it would pay for, whichever it is.
+            step()
             start = time.perf_counter()
             for _ in range(calls[impl]):
                 step()
@@ -149,7 +176,7 @@ def _iterations(benchmark, step, warmup_s=0.3, round_s=0.02):
 @pytest.mark.parametrize("hw", [(32, 32), (64, 64), (128, 128), (256, 256)])
 def test_pairwise_scaling(benchmark, hw):
     """N = 1024 .. 65536 nodes at B=1, C=64, forward+backward: the time must grow linearly."""
-    fs, ft = [t.requires_grad_() for t in _pairwise(1, 64, *hw)]
+    fs, ft = [t.requires_grad_() for t in _maps(1, 64, *hw)(tiny=False)]
 
     def step():
         ops.pairwise_affinity_loss(fs, ft).backward()
@@ -168,31 +195,44 @@ page = os.sysconf("SC_PAGE_SIZE")
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * page
-fs = torch.randn(4, 64, 64, 64, requires_grad=True); ft = torch.randn(4, 64, 64, 64, requires_grad=True)
-fn = {"fused": ops.pairwise_affinity_loss, "eager": ref.pairwise_affinity_loss}[sys.argv[1]]
-fn(torch.randn(1, 2, 2, 2), torch.randn(1, 2, 2, 2))  # load lazily initialised code first
+spec, impl = json.loads(sys.argv[1]), sys.argv[2]
+fn = getattr(ops if impl == "fused" else ref, spec["op"])
+fn(*[torch.randn(s) for s in spec["warm"]], *spec["args"])  # load lazily initialised code first
+inputs = [torch.randn(s, requires_grad=True) for s in spec["shapes"]]
 before, peak, done = rss(), [0], threading.Event()
 def sample():
     while not done.is_set():
         peak[0] = max(peak[0], rss())
         done.wait(0.0005)
 t = threading.Thread(target=sample); t.start()
-fn(fs, ft).backward()
+fn(*inputs, *spec["args"]).backward()
 done.set(); t.join()
 print(json.dumps({"peak_extra_bytes": max(peak[0], rss()) - before}))
 """
 
+# case -> (op of pyamalgam.ops and of the reference, its input shapes, its other arguments)
+PEAK_CASES = {
+    "pairwise_affinity_loss B4 C64 64x64": ("pairwise_affinity_loss", [(4, 64, 64, 64)] * 2, [1]),
+    "channel_wise_loss B8 C128 64x64": ("channel_wise_loss", [(8, 128, 64, 64)] * 2, [3.0]),
+    "channel_wise_loss B8 K19 128x256": ("channel_wise_loss", [(8, 19, 128, 256)] * 2, [3.0]),
+    "pairwise_local_loss r1 B8 C128 64x64": ("pairwise_local_loss", [(8, 128, 64, 64)] * 2, [1]),
+}
+
 
 @pytest.mark.parametrize("impl", ["fused", "eager"])
-def test_pairwise_peak_memory(benchmark, impl, tmp_path, pyamalgam_env):
-    """Peak resident memory that one fwd+bwd at B4 C64 64x64 adds, sampled every 0.5 ms in a fresh
-    process (Linux /proc)."""
+@pytest.mark.parametrize("name", list(PEAK_CASES))
+def test_peak_memory(benchmark, name, impl, tmp_path, pyamalgam_env):
+    """Peak resident memory that one fwd+bwd adds (both inputs get gradients), sampled every 0.5 ms
+    in a fresh process (Linux /proc)."""
+    op, shapes, args = PEAK_CASES[name]
+    shapes = [TINY] * len(shapes) if benchmark.disabled else shapes
+    spec = json.dumps({"op": op, "shapes": shapes, "args": args, "warm": [(1, 2, 2, 2)] * len(shapes)})
 
     def run():
-        out = subprocess.run([sys.executable, "-c", _PEAK, impl], capture_output=True, text=True, check=True,
+        out = subprocess.run([sys.executable, "-c", _PEAK, spec, impl], capture_output=True, text=True, check=True,
                              cwd=tmp_path, env=pyamalgam_env)
         return json.loads(out.stdout)["peak_extra_bytes"]
 
     peak = benchmark.pedantic(run, rounds=1, iterations=1)
-    benchmark.group = "pairwise peak memory (B4 C64 64x64, fwd+bwd)"
-    benchmark.extra_info.update(op="pairwise peak memory", impl=impl, peak_extra_bytes=peak)
+    benchmark.group = f"peak memory: {name} fwd+bwd"
+    benchmark.extra_info.update(op="peak memory", case=name, impl=impl, peak_extra_bytes=peak, shape=list(shapes[0]))

@@ -6,17 +6,27 @@
 // (pyamalgam/ops/_meta_checks.py, same wording) fail alike.
 #include "checks.h"
 
+#include "common.h"
+
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 #include <string>
 
 namespace pyamalgam {
+namespace checks {
 namespace {
 
-// (2, 3), (4,), (): what Python prints for tuple(t.shape).
+// The dtypes every kernel is instantiated for (AT_DISPATCH_FLOATING_TYPES_AND2(kHalf, kBFloat16)).
+bool kernel_dtype(at::ScalarType dtype) {
+  return dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble;
+}
+
+}  // namespace
+
 std::string shape_str(at::IntArrayRef sizes) {
   std::ostringstream out;
   out << "(";
@@ -25,14 +35,8 @@ std::string shape_str(at::IntArrayRef sizes) {
   return out.str();
 }
 
-// torch.float32: what Python prints for a dtype.
 std::string dtype_str(at::ScalarType dtype) {
   return "torch." + std::string(c10::getDtypeNames(dtype).first);
-}
-
-// The dtypes every kernel is instantiated for (AT_DISPATCH_FLOATING_TYPES_AND2(kHalf, kBFloat16)).
-bool kernel_dtype(at::ScalarType dtype) {
-  return dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble;
 }
 
 void check_floating(const char* op, const char* name, const at::Tensor& t) {
@@ -45,7 +49,6 @@ void check_dims(const char* op, const char* name, const at::Tensor& t, int64_t d
   TORCH_CHECK(t.dim() == dims, op, ": ", name, " must have ", dims, " dimensions, got shape ", shape_str(t.sizes()));
 }
 
-// A shape computed from other arguments; `what` says how, e.g. "(R, C) with C = x.shape[1]".
 void check_shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef expected, const char* what) {
   TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", shape_str(expected), " (", what, "), got ",
               shape_str(t.sizes()));
@@ -70,14 +73,38 @@ void check_device_of(const char* op, const char* name, const at::Tensor& t, cons
               ref.device(), "), got ", t.device());
 }
 
-// The gradient of a loss: one element (0-d from autograd), read on the device of `ref`. Gradients
-// may have any floating dtype: the kernels convert them to the input's.
+// One element (0-d from autograd). Gradients may have any floating dtype: the kernels convert
+// them to the input's.
 void check_scalar_grad(const char* op, const at::Tensor& grad, const char* ref_name, const at::Tensor& ref) {
   check_floating(op, "grad", grad);
   TORCH_CHECK(grad.numel() == 1, op, ": grad must have one element (the loss is a scalar), got shape ",
               shape_str(grad.sizes()));
   check_device_of(op, "grad", grad, ref_name, ref);
 }
+
+void check_feature_pair(const char* op, const at::Tensor& fs, const at::Tensor& ft) {
+  check_floating(op, "fs", fs);
+  check_dims(op, "fs", fs, 4);
+  check_dims(op, "ft", ft, 4);
+  TORCH_CHECK(fs.size(0) == ft.size(0) && fs.size(2) == ft.size(2) && fs.size(3) == ft.size(3), op,
+              ": fs and ft must have the same batch and spatial sizes (channels may differ): fs is ",
+              shape_str(fs.sizes()), ", ft is ", shape_str(ft.sizes()));
+  check_dtype_of(op, "ft", ft, "fs", fs);
+  check_device_of(op, "ft", ft, "fs", fs);
+}
+
+void check_saved(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype, at::IntArrayRef expected,
+                 const char* what, const char* ref_name, const at::Tensor& ref) {
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be a ", c10::getDtypeNames(dtype).first,
+              " tensor (the forward's), got ", dtype_str(t.scalar_type()));
+  check_shape(op, name, t, expected, what);
+  check_device_of(op, name, t, ref_name, ref);
+}
+
+}  // namespace checks
+
+namespace {
+using namespace checks;
 
 void channel_coding_args(const char* op, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                          const at::Tensor& w2, const at::Tensor& b2) {
@@ -129,14 +156,7 @@ void si_depth_loss_args(const char* op, const at::Tensor& pred, const at::Tensor
 }
 
 void pairwise_affinity_loss_args(const char* op, const at::Tensor& fs, const at::Tensor& ft, int64_t patch) {
-  check_floating(op, "fs", fs);
-  check_dims(op, "fs", fs, 4);
-  check_dims(op, "ft", ft, 4);
-  TORCH_CHECK(fs.size(0) == ft.size(0) && fs.size(2) == ft.size(2) && fs.size(3) == ft.size(3), op,
-              ": fs and ft must have the same batch and spatial sizes (channels may differ): fs is ",
-              shape_str(fs.sizes()), ", ft is ", shape_str(ft.sizes()));
-  check_dtype_of(op, "ft", ft, "fs", fs);
-  check_device_of(op, "ft", ft, "fs", fs);
+  check_feature_pair(op, fs, ft);
   // The node grid is ceil(H / patch) x ceil(W / patch): patch 0 would divide by zero. A patch
   // beyond the map is legal: one node per image (the kernels clamp it to max(H, W), see
   // csrc/pairwise_affinity.cpp, so that no size computation overflows).
@@ -182,8 +202,8 @@ void check_si_depth_loss_backward(const at::Tensor& grad, const at::Tensor& pred
   check_scalar_grad(op, grad, "pred", pred);
 }
 
-void check_pairwise_affinity_loss(const at::Tensor& fs, const at::Tensor& ft, int64_t patch) {
-  pairwise_affinity_loss_args("pairwise_affinity_loss", fs, ft, patch);
+void check_pairwise_affinity_loss(const at::Tensor& fs, const at::Tensor& ft, int64_t patch, const char* op) {
+  pairwise_affinity_loss_args(op, fs, ft, patch);
 }
 
 void check_pairwise_affinity_loss_backward(const at::Tensor& grad, const at::Tensor& fs, const at::Tensor& ft,
@@ -191,6 +211,24 @@ void check_pairwise_affinity_loss_backward(const at::Tensor& grad, const at::Ten
   constexpr const char* op = "pairwise_affinity_loss_backward";
   pairwise_affinity_loss_args(op, fs, ft, patch);
   check_scalar_grad(op, grad, "fs", fs);
+}
+
+void check_pairwise_affinity_loss_saved_backward(const at::Tensor& grad, const at::Tensor& fs, const at::Tensor& ft,
+                                                 const at::Tensor& s_hat, const at::Tensor& s_inv,
+                                                 const at::Tensor& t_hat, const at::Tensor& t_inv,
+                                                 const at::Tensor& pd, const at::Tensor& coef, int64_t patch) {
+  constexpr const char* op = "pairwise_affinity_loss_saved_backward";
+  pairwise_affinity_loss_args(op, fs, ft, patch);
+  check_scalar_grad(op, grad, "fs", fs);
+  const int64_t B = fs.size(0), n = node_count(fs, patch);
+  const int64_t cs = fs.size(1), ct = ft.size(1), cb = std::max(cs, ct), ca = std::min(cs, ct);
+  const auto gram = fs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  check_saved(op, "s_hat", s_hat, at::kDouble, {B, n, cs}, "(B, N, Cs): N nodes of fs", "fs", fs);
+  check_saved(op, "s_inv", s_inv, at::kDouble, {B, n, 1}, "(B, N, 1)", "fs", fs);
+  check_saved(op, "t_hat", t_hat, at::kDouble, {B, n, ct}, "(B, N, Ct)", "fs", fs);
+  check_saved(op, "t_inv", t_inv, at::kDouble, {B, n, 1}, "(B, N, 1)", "fs", fs);
+  check_saved(op, "pd", pd, gram, {B, n, 2 * cb}, "(B, N, 2 max(Cs, Ct))", "fs", fs);
+  check_saved(op, "coef", coef, gram, {B, 2 * cb, cb + ca}, "(B, 2 max(Cs, Ct), Cs + Ct)", "fs", fs);
 }
 
 }  // namespace pyamalgam

@@ -18,6 +18,12 @@ TORCH_LIBRARY(pyamalgam, m) {
   m.def("si_depth_loss_backward(Tensor grad, Tensor pred, Tensor target, Tensor? mask) -> (Tensor, Tensor)");
   m.def("pairwise_affinity_loss(Tensor fs, Tensor ft, int patch) -> Tensor");
   m.def("pairwise_affinity_loss_backward(Tensor grad, Tensor fs, Tensor ft, int patch) -> (Tensor, Tensor)");
+  // The same loss with what its backward needs, so that the backward computes nothing twice (the
+  // Python API's path; csrc/pairwise_affinity.cpp): (loss, s_hat, s_inv, t_hat, t_inv, pd, coef).
+  m.def("pairwise_affinity_loss_for_backward(Tensor fs, Tensor ft, int patch)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("pairwise_affinity_loss_saved_backward(Tensor grad, Tensor fs, Tensor ft, Tensor s_hat, Tensor s_inv,"
+        " Tensor t_hat, Tensor t_inv, Tensor pd, Tensor coef, int patch) -> (Tensor, Tensor)");
   // Thesis 003. channel_wise_loss returns (loss, stats): stats (B, C, 3) float64 are the per-plane
   // log-sum-exps and mean the backward needs instead of the two softmaxes (csrc/cpu/channel_wise.cpp).
   m.def("channel_wise_loss(Tensor ys, Tensor yt, float temperature) -> (Tensor, Tensor)");

@@ -18,6 +18,9 @@ def _cases(device):
     mask = (rnd(2, 9, 7) > -0.5)
     yield "si_depth_loss", (lambda p, t: ops.si_depth_loss(p, t, mask)), (lambda p, t: reference.si_depth_loss(p, t, mask)), [rnd(2, 9, 7), rnd(2, 9, 7)]
     yield "pairwise_affinity_loss", (lambda s, t: ops.pairwise_affinity_loss(s, t, 2)), (lambda s, t: reference.pairwise_affinity_loss(s, t, 2)), [rnd(2, 6, 9, 7), rnd(2, 4, 9, 7)]
+    # Thesis 003: channel-wise (Eqs. 4.3-4.4, T = 3) and local pair-wise (Eq. 3.2, radius 1, 2x2 cells).
+    yield "channel_wise_loss", (lambda s, t: ops.channel_wise_loss(s, t, 3.0)), (lambda s, t: reference.channel_wise_loss(s, t, 3.0)), [rnd(2, 5, 9, 7), rnd(2, 5, 9, 7)]
+    yield "pairwise_local_loss", (lambda s, t: ops.pairwise_local_loss(s, t, 1, 2)), (lambda s, t: reference.pairwise_local_loss(s, t, 1, 2)), [rnd(2, 6, 9, 7), rnd(2, 4, 9, 7)]
 
 
 def _run(fn, args):

@@ -65,6 +65,11 @@ at::Tensor normalized_nodes_backward_cpu(const at::Tensor& grad_hat, const at::T
   return kernel(grad_hat, hat, inv, f, patch);
 }
 
+at::Tensor sum_and_difference_cpu(const at::Tensor& b, const at::Tensor& a_rot, at::ScalarType dtype) {
+  static const auto kernel = PYAMALGAM_CPU_KERNEL(sum_and_difference);
+  return kernel(b, a_rot, dtype);
+}
+
 namespace {
 
 // The registered CPU entry points: the shared argument checks (csrc/checks.h), then the kernel of

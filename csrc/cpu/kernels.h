@@ -32,6 +32,7 @@
   std::pair<at::Tensor, at::Tensor> normalized_nodes(const at::Tensor& f, int64_t patch);                   \
   at::Tensor normalized_nodes_backward(const at::Tensor& grad_hat, const at::Tensor& hat,                   \
                                        const at::Tensor& inv, const at::Tensor& f, int64_t patch);          \
+  at::Tensor sum_and_difference(const at::Tensor& b, const at::Tensor& a_rot, at::ScalarType dtype);        \
   }
 
 // The distillation losses of thesis 003 (csrc/cpu/channel_wise.cpp, csrc/cpu/pairwise_local.cpp).

@@ -24,17 +24,12 @@
 #include <algorithm>
 #include <vector>
 
+#include "common.h"
 #include "cpu/kernels.h"
 #include "cpu/vec.h"
 
 namespace pyamalgam::cpu::PYAMALGAM_CPU_ISA {
 namespace {
-
-// A patch beyond the map makes one node of the whole image, like patch = max(H, W); clamped so
-// that H + patch - 1 cannot overflow.
-int64_t clamp_patch(const at::Tensor& f, int64_t patch) {
-  return std::min(patch, std::max<int64_t>({f.size(2), f.size(3), 1}));
-}
 
 // The node grid and the window on it. The radius is clipped to the grid first, so that 2r + 1
 // and i + r cannot overflow for a huge radius (any r >= max(hp, wp) is the same graph).
@@ -120,7 +115,7 @@ void row_backward(const Nodes& s, const Nodes& t, const Window& g, int64_t b, in
 }  // namespace
 
 at::Tensor pairwise_local_loss(const at::Tensor& fs, const at::Tensor& ft, int64_t radius, int64_t patch_in) {
-  const int64_t patch = clamp_patch(fs, patch_in);
+  const int64_t patch = node_patch(fs, patch_in);
   const Window g(fs, radius, patch);
   auto loss = at::empty({}, fs.options());
   if (g.B * g.nodes() == 0) return loss.fill_(0.0);
@@ -136,7 +131,7 @@ at::Tensor pairwise_local_loss(const at::Tensor& fs, const at::Tensor& ft, int64
 
 std::tuple<at::Tensor, at::Tensor> pairwise_local_loss_backward(const at::Tensor& grad, const at::Tensor& fs,
                                                                 const at::Tensor& ft, int64_t radius, int64_t patch_in) {
-  const int64_t patch = clamp_patch(fs, patch_in);
+  const int64_t patch = node_patch(fs, patch_in);
   const Window g(fs, radius, patch);
   if (g.B * g.nodes() == 0) {
     return {at::zeros(fs.sizes(), fs.options()), at::zeros(ft.sizes(), ft.options())};

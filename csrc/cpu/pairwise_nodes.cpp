@@ -2,6 +2,7 @@
 //
 // One row of cells at a time: the row's pixels are read once, summed per cell in float64, then
 // each node is averaged, normalised and written; the backward walks the same rows in reverse.
+// sum_and_difference forms the full-graph op's [P | D] in one pass (ATen: a temporary and a copy each).
 // NCHW and channels_last differ only in the loop order over (channel, column).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -19,11 +20,9 @@ namespace {
 
 struct Cells {
   int64_t B, C, H, W, patch, hp, wp;
-  // A patch beyond the map is clamped to max(H, W): the same single cell, and H + patch - 1 or
-  // (i + 1) * patch can no longer overflow (patch = 2^63 - 1 gave NaN).
+  // The patch clamped to the map (csrc/common.h): no size computation below can overflow.
   Cells(const at::Tensor& f, int64_t patch_)
-      : B(f.size(0)), C(f.size(1)), H(f.size(2)), W(f.size(3)),
-        patch(std::min(patch_, std::max<int64_t>({f.size(2), f.size(3), 1}))),
+      : B(f.size(0)), C(f.size(1)), H(f.size(2)), W(f.size(3)), patch(node_patch(f, patch_)),
         hp((H + patch - 1) / patch), wp((W + patch - 1) / patch) {}
   int64_t nodes() const { return hp * wp; }
   // Offset of column w's cell in a row buffer of wp * C values; precomputed because an integer
@@ -98,38 +97,86 @@ std::pair<at::Tensor, at::Tensor> normalized_nodes(const at::Tensor& f_in, int64
   return {hat, inv};
 }
 
+namespace {
+
+// Row `node` of the gradient w.r.t. the normalised nodes, read in place: the caller's (B, N, C)
+// slice of a wider product (the full-graph op's [g_b | g_a]) in float or double, no copy.
+template <typename grad_t>
+struct GradRows {
+  const grad_t* g;
+  int64_t sb, sn, nodes;
+  const grad_t* row(int64_t node) const { return g + (node / nodes) * sb + (node % nodes) * sn; }
+};
+
+template <typename scalar_t, typename grad_t>
+void nodes_backward_pass(const Cells& g, const PlaneIndex& ix, const GradRows<grad_t>& gh, const double* v,
+                         const double* k, scalar_t* o) {
+  const auto cell = g.cell_offsets();
+  at::parallel_for(0, g.B * g.hp, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> cell_grad(g.wp * g.C);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / g.hp, i = r % g.hp;
+      for (int64_t j = 0; j < g.wp; ++j) {
+        // d(v / |v|) = (g - v_hat (v_hat . g)) / |v|, spread evenly over the cell's pixels.
+        const int64_t node = b * g.nodes() + i * g.wp + j;
+        const grad_t* gn = gh.row(node);
+        const double* vn = v + node * g.C;
+        double dot = 0;
+        for (int64_t c = 0; c < g.C; ++c) dot += vn[c] * static_cast<double>(gn[c]);
+        const double scale = k[node] / g.count(i, j);
+        for (int64_t c = 0; c < g.C; ++c) cell_grad[j * g.C + c] = (static_cast<double>(gn[c]) - vn[c] * dot) * scale;
+      }
+      for (int64_t h = i * g.patch; h < g.row_end(i); ++h) {
+        for_row(ix, g, b, h, [&](int64_t c, int64_t w, int64_t e) {
+          o[e] = static_cast<scalar_t>(cell_grad[cell[w] + c]);
+        });
+      }
+    }
+  });
+}
+
+}  // namespace
+
 at::Tensor normalized_nodes_backward(const at::Tensor& grad_hat_in, const at::Tensor& hat,
                                      const at::Tensor& inv, const at::Tensor& f, int64_t patch) {
   const auto format = dense_format(f);
   const Cells g(f, patch);
   auto out = at::empty(f.sizes(), f.options().memory_format(format));
   const PlaneIndex ix(out, format);
-  const auto grad_hat = grad_hat_in.to(at::kDouble).contiguous();
-  const double* gh = grad_hat.const_data_ptr<double>();
+  // Float and double rows with unit channel stride are read where they are; anything else is
+  // converted once.
+  const bool in_place = (grad_hat_in.scalar_type() == at::kFloat || grad_hat_in.scalar_type() == at::kDouble) &&
+                        (grad_hat_in.stride(2) == 1 || g.C <= 1);
+  const auto grad_hat = in_place ? grad_hat_in : grad_hat_in.to(at::kDouble).contiguous();
   const double* v = hat.const_data_ptr<double>();
   const double* k = inv.const_data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "normalized_nodes_backward_cpu", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
-    const auto cell = g.cell_offsets();
-    at::parallel_for(0, g.B * g.hp, 1, [&](int64_t begin, int64_t end) {
-      std::vector<double> cell_grad(g.wp * g.C);
+    const int64_t sb = grad_hat.stride(0), sn = grad_hat.stride(1);
+    if (grad_hat.scalar_type() == at::kFloat) {
+      nodes_backward_pass(g, ix, GradRows<float>{grad_hat.const_data_ptr<float>(), sb, sn, g.nodes()}, v, k, o);
+    } else {
+      nodes_backward_pass(g, ix, GradRows<double>{grad_hat.const_data_ptr<double>(), sb, sn, g.nodes()}, v, k, o);
+    }
+  });
+  return out;
+}
+
+at::Tensor sum_and_difference(const at::Tensor& b_in, const at::Tensor& a_rot_in, at::ScalarType dtype) {
+  const auto b = b_in.contiguous(), a = a_rot_in.contiguous();
+  const int64_t rows = b.size(0) * b.size(1), C = b.size(2);
+  auto out = at::empty({b.size(0), b.size(1), 2 * C}, b.options().dtype(dtype));
+  const double* x = b.const_data_ptr<double>();
+  const double* y = a.const_data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(dtype, "sum_and_difference_cpu", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const int64_t b = r / g.hp, i = r % g.hp;
-        for (int64_t j = 0; j < g.wp; ++j) {
-          // d(v / |v|) = (g - v_hat (v_hat . g)) / |v|, spread evenly over the cell's pixels.
-          const int64_t node = b * g.nodes() + i * g.wp + j;
-          const double* gn = gh + node * g.C;
-          const double* vn = v + node * g.C;
-          double dot = 0;
-          for (int64_t c = 0; c < g.C; ++c) dot += vn[c] * gn[c];
-          const double scale = k[node] / g.count(i, j);
-          for (int64_t c = 0; c < g.C; ++c) cell_grad[j * g.C + c] = (gn[c] - vn[c] * dot) * scale;
-        }
-        for (int64_t h = i * g.patch; h < g.row_end(i); ++h) {
-          for_row(ix, g, b, h, [&](int64_t c, int64_t w, int64_t e) {
-            o[e] = static_cast<scalar_t>(cell_grad[cell[w] + c]);
-          });
-        }
+        const double* xr = x + r * C;
+        const double* yr = y + r * C;
+        scalar_t* p = o + r * 2 * C;
+        for (int64_t c = 0; c < C; ++c) p[c] = static_cast<scalar_t>(xr[c] + yr[c]);
+        for (int64_t c = 0; c < C; ++c) p[C + c] = static_cast<scalar_t>(xr[c] - yr[c]);
       }
     });
   });

@@ -14,7 +14,8 @@ import torch
 
 from ._validate import FLOAT_DTYPES
 
-__all__ = ["channel_coding", "pairwise_affinity_loss", "si_depth_loss", "soft_argmax_depth"]
+__all__ = ["channel_coding", "feature_pair", "pairwise_affinity_loss", "pairwise_affinity_loss_saved",
+           "pairwise_saved_shapes", "saved", "si_depth_loss", "soft_argmax_depth"]
 
 
 def _check(op: str, cond, message) -> None:
@@ -116,8 +117,8 @@ def si_depth_loss(pred, target, mask, grad=None) -> None:
         _scalar_grad(op, grad, "pred", pred)
 
 
-def pairwise_affinity_loss(fs, ft, patch, grad=None) -> None:
-    op = "pairwise_affinity_loss" if grad is None else "pairwise_affinity_loss_backward"
+def feature_pair(op: str, fs, ft) -> None:
+    """fs (B, Cs, H, W) floating, ft (B, Ct, H, W) of its dtype and device (checks::check_feature_pair)."""
     _floating(op, "fs", fs)
     _dims(op, "fs", fs, 4)
     _dims(op, "ft", ft, 4)
@@ -127,6 +128,46 @@ def pairwise_affinity_loss(fs, ft, patch, grad=None) -> None:
     for i in (0, 2, 3):
         _check(op, fs.shape[i] == ft.shape[i], message)
     _like(op, "ft", ft, "fs", fs)
+
+
+def pairwise_affinity_loss(fs, ft, patch, grad=None, op=None) -> None:
+    op = op or ("pairwise_affinity_loss" if grad is None else "pairwise_affinity_loss_backward")
+    feature_pair(op, fs, ft)
     _check(op, patch >= 1, lambda: f"patch must be >= 1, got {patch}")
     if grad is not None:
         _scalar_grad(op, grad, "fs", fs)
+
+
+def pairwise_saved_shapes(fs, ft, patch) -> dict:
+    """name -> (shape, dtype) of what pairwise_affinity_loss_for_backward returns after the loss
+    (csrc/pairwise_affinity.cpp): the float64 nodes, [P | D] and the backward's coefficients."""
+    b, cs, h, w = fs.shape
+    ct = ft.shape[1]
+    # The kernels' cell side (csrc/common.h node_patch); sym_min/sym_max take symbolic sizes.
+    p = torch.sym_min(patch, torch.sym_max(torch.sym_max(h, w), 1))
+    n = ((h + p - 1) // p) * ((w + p - 1) // p)
+    cb, ca = torch.sym_max(cs, ct), torch.sym_min(cs, ct)
+    gram = torch.float64 if fs.dtype == torch.float64 else torch.float32
+    f64 = torch.float64
+    return {"s_hat": ((b, n, cs), f64), "s_inv": ((b, n, 1), f64), "t_hat": ((b, n, ct), f64),
+            "t_inv": ((b, n, 1), f64), "pd": ((b, n, 2 * cb), gram), "coef": ((b, 2 * cb, cb + ca), gram)}
+
+
+# What the shapes are, in the messages (as csrc/checks.cpp words them).
+_SAVED_WHAT = {"s_hat": "(B, N, Cs): N nodes of fs", "s_inv": "(B, N, 1)", "t_hat": "(B, N, Ct)",
+               "t_inv": "(B, N, 1)", "pd": "(B, N, 2 max(Cs, Ct))", "coef": "(B, 2 max(Cs, Ct), Cs + Ct)"}
+
+
+def saved(op: str, name: str, t, dtype, shape, what: str, ref_name: str, ref) -> None:
+    """A tensor a forward returned for its backward (checks::check_saved)."""
+    _check(op, t.dtype == dtype,
+           lambda: f"{name} must be a {str(dtype).removeprefix('torch.')} tensor (the forward's), got {t.dtype}")
+    _shape(op, name, t, shape, what)
+    _like(op, name, t, ref_name, ref, attrs=("device",))
+
+
+def pairwise_affinity_loss_saved(grad, fs, ft, saved_tensors, patch) -> None:
+    op = "pairwise_affinity_loss_saved_backward"
+    pairwise_affinity_loss(fs, ft, patch, grad=grad, op=op)
+    for (name, (shape, dtype)), t in zip(pairwise_saved_shapes(fs, ft, patch).items(), saved_tensors):
+        saved(op, name, t, dtype, shape, _SAVED_WHAT[name], "fs", fs)

@@ -6,11 +6,11 @@ import math
 import torch
 
 from . import _validate as v
+from . import _meta_checks as checks
 from ._meta_checks import _check  # torch._check with the op name, as the other fake kernels
 
 __all__ = ["channel_wise_loss"]
 
-_FLOAT = v.FLOATING
 _tensor = v.map_any_device
 
 
@@ -53,29 +53,18 @@ def _channel_wise_generic(ys, yt, temperature):
     return (temperature * temperature * kl.mean()).to(ys.dtype)
 
 
-def _format_float(value) -> str:
-    """As C++ streams print a double (%g), e.g. 0, -1.5, nan."""
-    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
-
-
 # The C++ checks (csrc/checks_distill.cpp) for the fake kernels, same messages (torch._check takes
 # symbolic sizes).
 def _fake_checks(op, ys, yt, temperature):
-    _check(op, ys.dtype in _FLOAT, lambda: (
-        f"ys must be a floating-point tensor (float16, bfloat16, float32 or float64), got {ys.dtype}"))
-    _check(op, ys.dim() == 4, lambda: f"ys must have 4 dimensions, got shape {tuple(ys.shape)}")
+    checks._floating(op, "ys", ys)
+    checks._dims(op, "ys", ys, 4)
     _check(op, ys.shape[1] >= 1, lambda: f"ys must have at least one channel and one pixel, got shape {tuple(ys.shape)}")
     _check(op, ys.shape[2] * ys.shape[3] >= 1,
            lambda: f"ys must have at least one channel and one pixel, got shape {tuple(ys.shape)}")
-    message = lambda: f"yt must have the shape of ys {tuple(ys.shape)}, got {tuple(yt.shape)}"
-    _check(op, yt.dim() == 4, message)
-    for got, want in zip(yt.shape, ys.shape):
-        _check(op, got == want, message)
-    for attr in ("dtype", "device"):
-        _check(op, getattr(yt, attr) == getattr(ys, attr),
-               lambda a=attr: f"yt must have the same {a} as ys ({getattr(ys, a)}), got {getattr(yt, a)}")
+    checks._shape_of(op, "yt", yt, "ys", ys)
+    checks._like(op, "yt", yt, "ys", ys)
     # Two comparisons rather than math.isfinite, which a symbolic float does not take.
-    message = lambda: f"temperature must be a finite number > 0, got {_format_float(temperature)}"
+    message = lambda: f"temperature must be a finite number > 0, got {checks._format_float(temperature)}"
     _check(op, temperature > 0, message)
     _check(op, temperature < math.inf, message)
 
@@ -90,20 +79,8 @@ def _channel_wise_loss_fake(ys, yt, temperature):
 def _channel_wise_loss_backward_fake(grad, ys, yt, stats, temperature):
     op = "channel_wise_loss_backward"
     _fake_checks(op, ys, yt, temperature)
-    _check(op, grad.dtype in _FLOAT, lambda: (
-        f"grad must be a floating-point tensor (float16, bfloat16, float32 or float64), got {grad.dtype}"))
-    _check(op, grad.numel() == 1,
-           lambda: f"grad must have one element (the loss is a scalar), got shape {tuple(grad.shape)}")
-    _check(op, grad.device == ys.device, lambda: f"grad must have the same device as ys ({ys.device}), got {grad.device}")
-    _check(op, stats.dtype == torch.float64,
-           lambda: f"stats must be a float64 tensor (the forward's), got {stats.dtype}")
-    want = (ys.shape[0], ys.shape[1], 3)
-    message = lambda: f"stats must have shape {tuple(want)} ((B, C, 3) of ys), got {tuple(stats.shape)}"
-    _check(op, stats.dim() == 3, message)
-    for got, w in zip(stats.shape, want):
-        _check(op, got == w, message)
-    _check(op, stats.device == ys.device,
-           lambda: f"stats must have the same device as ys ({ys.device}), got {stats.device}")
+    checks._scalar_grad(op, grad, "ys", ys)
+    checks.saved(op, "stats", stats, torch.float64, (ys.shape[0], ys.shape[1], 3), "(B, C, 3) of ys", "ys", ys)
     return (torch.empty_like(ys, memory_format=v.dense_format(ys)),
             torch.empty_like(yt, memory_format=v.dense_format(yt)))
 

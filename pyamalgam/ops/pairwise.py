@@ -22,7 +22,9 @@ def pairwise_affinity_loss(fs: torch.Tensor, ft: torch.Tensor, patch: int = 1) -
 
     The N x N affinity matrices are never formed: time and memory are linear in N, and the result
     is exact (float64 inside, cancellation-free also when student and teacher agree up to a
-    rotation of their features; see csrc/pairwise_affinity.cpp).
+    rotation of their features; see csrc/pairwise_affinity.cpp). The forward keeps what the
+    backward needs (the normalised nodes, P and D, and the backward's C x C coefficients: O(N C)),
+    so the backward is one product and the adjoint of the pooling, with nothing recomputed.
 
     Args:
         fs: student features (B, Cs, H, W).
@@ -41,7 +43,7 @@ def pairwise_affinity_loss(fs: torch.Tensor, ft: torch.Tensor, patch: int = 1) -
         )
     v.same("device", "fs", fs, ft=ft)
     v.same("dtype", "fs", fs, ft=ft)
-    return torch.ops.pyamalgam.pairwise_affinity_loss.default(fs, ft, patch)
+    return torch.ops.pyamalgam.pairwise_affinity_loss_for_backward.default(fs, ft, patch)[0]
 
 
 @torch.library.register_fake("pyamalgam::pairwise_affinity_loss")
@@ -59,6 +61,20 @@ def _pairwise_affinity_loss_backward_fake(grad, fs, ft, patch):
     )
 
 
+@torch.library.register_fake("pyamalgam::pairwise_affinity_loss_for_backward")
+def _pairwise_affinity_loss_for_backward_fake(fs, ft, patch):
+    checks.pairwise_affinity_loss(fs, ft, patch, op="pairwise_affinity_loss_for_backward")
+    saved = [fs.new_empty(shape, dtype=dtype) for shape, dtype in checks.pairwise_saved_shapes(fs, ft, patch).values()]
+    return (fs.new_empty(()), *saved)
+
+
+@torch.library.register_fake("pyamalgam::pairwise_affinity_loss_saved_backward")
+def _pairwise_affinity_loss_saved_backward_fake(grad, fs, ft, s_hat, s_inv, t_hat, t_inv, pd, coef, patch):
+    checks.pairwise_affinity_loss_saved(grad, fs, ft, (s_hat, s_inv, t_hat, t_inv, pd, coef), patch)
+    return _pairwise_affinity_loss_backward_fake(grad, fs, ft, patch)
+
+
+# A direct call of pairwise_affinity_loss with gradients: its backward op computes the forward again.
 def _pairwise_affinity_loss_setup_context(ctx, inputs, output):
     fs, ft, patch = inputs
     ctx.save_for_backward(fs, ft)
@@ -75,4 +91,29 @@ torch.library.register_autograd(
     "pyamalgam::pairwise_affinity_loss",
     _pairwise_affinity_loss_backward,
     setup_context=_pairwise_affinity_loss_setup_context,
+)
+
+
+# The Python API's path: the forward returned what the backward needs (fs and ft only give it
+# their shapes and layouts).
+def _for_backward_setup_context(ctx, inputs, output):
+    fs, ft, patch = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the six saved outputs
+    ctx.save_for_backward(fs, ft, *output[1:])
+    ctx.patch = patch
+
+
+def _for_backward_backward(ctx, grad, *_saved_grads):
+    if grad is None:  # the loss took no part in what is differentiated (grads are not materialised)
+        return None, None, None
+    fs, ft, *saved = ctx.saved_tensors
+    grad_s, grad_t = torch.ops.pyamalgam.pairwise_affinity_loss_saved_backward.default(grad, fs, ft, *saved, ctx.patch)
+    return grad_s, grad_t, None
+
+
+torch.library.register_autograd(
+    "pyamalgam::pairwise_affinity_loss_for_backward",
+    _for_backward_backward,
+    setup_context=_for_backward_setup_context,
 )

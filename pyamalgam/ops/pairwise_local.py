@@ -5,12 +5,12 @@ import torch
 
 from .._checks import check_int
 from . import _validate as v
+from . import _meta_checks as checks
 from ._meta_checks import _check  # torch._check with the op name, as the other fake kernels
 from . import reference as ref
 
 __all__ = ["pairwise_local_loss"]
 
-_FLOAT = v.FLOATING
 _tensor = v.map_any_device
 
 
@@ -75,17 +75,7 @@ def _pairwise_local_generic(fs, ft, radius, patch):
 
 # The C++ checks (csrc/checks_distill.cpp) for the fake kernels, same messages.
 def _fake_checks(op, fs, ft, radius, patch):
-    _check(op, fs.dtype in _FLOAT, lambda: (
-        f"fs must be a floating-point tensor (float16, bfloat16, float32 or float64), got {fs.dtype}"))
-    _check(op, fs.dim() == 4, lambda: f"fs must have 4 dimensions, got shape {tuple(fs.shape)}")
-    _check(op, ft.dim() == 4, lambda: f"ft must have 4 dimensions, got shape {tuple(ft.shape)}")
-    message = lambda: ("fs and ft must have the same batch and spatial sizes (channels may differ): "
-                       f"fs is {tuple(fs.shape)}, ft is {tuple(ft.shape)}")
-    for i in (0, 2, 3):
-        _check(op, fs.shape[i] == ft.shape[i], message)
-    for attr in ("dtype", "device"):
-        _check(op, getattr(ft, attr) == getattr(fs, attr),
-               lambda a=attr: f"ft must have the same {a} as fs ({getattr(fs, a)}), got {getattr(ft, a)}")
+    checks.feature_pair(op, fs, ft)
     _check(op, radius >= 0, lambda: f"radius must be >= 0, got {radius}")
     _check(op, patch >= 1, lambda: f"patch must be >= 1, got {patch}")
 
@@ -100,11 +90,7 @@ def _pairwise_local_loss_fake(fs, ft, radius, patch):
 def _pairwise_local_loss_backward_fake(grad, fs, ft, radius, patch):
     op = "pairwise_local_loss_backward"
     _fake_checks(op, fs, ft, radius, patch)
-    _check(op, grad.dtype in _FLOAT, lambda: (
-        f"grad must be a floating-point tensor (float16, bfloat16, float32 or float64), got {grad.dtype}"))
-    _check(op, grad.numel() == 1,
-           lambda: f"grad must have one element (the loss is a scalar), got shape {tuple(grad.shape)}")
-    _check(op, grad.device == fs.device, lambda: f"grad must have the same device as fs ({fs.device}), got {grad.device}")
+    checks._scalar_grad(op, grad, "fs", fs)
     return (torch.empty_like(fs, memory_format=v.dense_format(fs)),
             torch.empty_like(ft, memory_format=v.dense_format(ft)))
 

@@ -89,3 +89,65 @@ def test_compile_fullgraph_matches_eager(backend):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     for g, a in zip(got, [a for a in ref_args if isinstance(a, torch.Tensor) and a.requires_grad]):
         torch.testing.assert_close(g, a.grad, rtol=1e-4, atol=1e-5)
+
+
+# --- the full pair-wise op keeps what its backward needs --------------------------------------------
+P = torch.ops.pyamalgam
+
+
+def _pairwise_inputs(cs=3, ct=2, h=5, w=7, dtype=torch.float64):
+    return _req(torch.randn(2, cs, h, w, dtype=dtype), torch.randn(2, ct, h, w, dtype=dtype))
+
+
+@pytest.mark.parametrize("cs,ct,patch", [(3, 2, 1), (2, 5, 2), (1, 1, 9)])
+def test_opcheck_pairwise_saving_ops(cs, ct, patch):
+    """The forward that returns what the backward needs, and the backward that takes it: fake
+    kernels (shapes, dtypes, strides of all seven outputs), autograd registration, AOT dispatch."""
+    fs, ft = _pairwise_inputs(cs, ct)
+    torch.library.opcheck(P.pairwise_affinity_loss_for_backward.default, (fs, ft, patch))
+    saved = P.pairwise_affinity_loss_for_backward.default(fs.detach(), ft.detach(), patch)[1:]
+    torch.library.opcheck(P.pairwise_affinity_loss_saved_backward.default,
+                          (torch.tensor(0.7, dtype=torch.float64), fs.detach(), ft.detach(), *saved, patch))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_saved_backward_equals_the_recomputing_backward(dtype):
+    """The API's backward (from the saved tensors) and the direct op's (which runs the forward
+    again) are the same gradients, and both match the float64 reference."""
+    fs, ft = _pairwise_inputs(4, 3, 6, 5, dtype)
+    via_api = torch.autograd.grad(ops.pairwise_affinity_loss(fs, ft, 2) * 1.5, (fs, ft))
+    direct = torch.autograd.grad(P.pairwise_affinity_loss.default(fs, ft, 2) * 1.5, (fs, ft))
+    fs64, ft64 = _req(fs.double(), ft.double())
+    want = torch.autograd.grad(ref.pairwise_affinity_loss(fs64, ft64, 2) * 1.5, (fs64, ft64))
+    tol = dict(rtol=1e-10, atol=1e-13) if dtype == torch.float64 else dict(rtol=2e-4, atol=1e-7)
+    for a, b, w in zip(via_api, direct, want):
+        torch.testing.assert_close(a, b, **tol)
+        torch.testing.assert_close(a.double(), w, **tol)
+
+
+def test_the_backward_recomputes_nothing():
+    """No node pooling, SVD or Gram product runs twice: the backward is one product and the adjoint
+    of the pooling (what the forward saved), so the whole step has a single SVD."""
+    fs, ft = _pairwise_inputs(6, 4, 8, 9)
+
+    def count(step):
+        with torch.profiler.profile() as prof:
+            step()
+        return {e.key: e.count for e in prof.key_averages()}
+
+    forward = count(lambda: ops.pairwise_affinity_loss(fs, ft, 2))
+    both = count(lambda: ops.pairwise_affinity_loss(fs, ft, 2).backward())
+    assert both["aten::_linalg_svd"] == forward["aten::_linalg_svd"] == 1, both
+    assert both["pyamalgam::pairwise_affinity_loss_saved_backward"] == 1
+    assert "pyamalgam::pairwise_affinity_loss_backward" not in both
+    assert both["aten::bmm"] == forward["aten::bmm"] + 1, both  # the forward's products, then one
+
+
+def test_saved_outputs_get_no_gradient_and_need_none():
+    """The six saved outputs are not differentiable; a loss that is not used gets no gradient."""
+    fs, ft = _pairwise_inputs()
+    out = P.pairwise_affinity_loss_for_backward.default(fs, ft, 1)
+    assert out[0].requires_grad and not any(t.requires_grad for t in out[1:])
+    (out[0] * 0 + fs.sum()).backward()
+    torch.testing.assert_close(fs.grad, torch.ones_like(fs))
+    assert torch.equal(ft.grad, torch.zeros_like(ft))

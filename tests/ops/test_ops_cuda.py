@@ -367,6 +367,8 @@ def cases():
         ("si_depth_loss_nomask", P.si_depth_loss.default, ops.si_depth_loss, [pred, target, None]),
         ("pairwise_p1", P.pairwise_affinity_loss.default, ops.pairwise_affinity_loss, [fs, ft, 1]),
         ("pairwise_p3", P.pairwise_affinity_loss.default, ops.pairwise_affinity_loss, [fs, ft, 3]),
+        # The API's overload: the forward returns what the saved backward needs (ATen path on CUDA).
+        ("pairwise_saving_p2", P.pairwise_affinity_loss_for_backward.default, ops.pairwise_affinity_loss, [fs, ft, 2]),
     ]
 
 
@@ -385,6 +387,7 @@ CASE_NAMES = [
     "si_depth_loss_nomask",
     "pairwise_p1",
     "pairwise_p3",
+    "pairwise_saving_p2",
 ]
 
 

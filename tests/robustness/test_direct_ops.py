@@ -38,6 +38,13 @@ def cc(c=4, r_=2):  # valid channel_coding arguments: x (2, C, 3, 3), w1, b1, w2
     return r(2, c, 3, 3), r(r_, c), r(r_), r(c, r_), r(c)
 def depth(*shape):  # valid si_depth_loss arguments: pred, target, mask
     return r(*shape), r(*shape), torch.rand(*shape) < 0.7
+def pw(h=5, dtype=f64):  # valid pairwise arguments: fs (2, 4, h, 6), ft (2, 3, h, 6)
+    return r(2, 4, h, 6, dtype=dtype), r(2, 3, h, 6, dtype=dtype)
+def saved(patch=2, h=5, dtype=f64, i=None, t=None):  # what the forward saved; entry i replaced by t(entry)
+    s = list(P.pairwise_affinity_loss_for_backward(*pw(h, dtype), patch)[1:])
+    if i is not None:
+        s[i] = t(s[i])
+    return s
 """
 
 FLOAT = r"must be a floating-point tensor \(float16, bfloat16, float32 or float64\), got torch\."
@@ -49,6 +56,8 @@ SI = "si_depth_loss: "
 SIB = "si_depth_loss_backward: "
 PW = "pairwise_affinity_loss: "
 PWB = "pairwise_affinity_loss_backward: "
+PWF = "pairwise_affinity_loss_for_backward: "
+PWS = "pairwise_affinity_loss_saved_backward: "
 SIZES = r"fs and ft must have the same batch and spatial sizes \(channels may differ\)"
 
 # (id, expression, regex the message must match; None: a valid call that must succeed).
@@ -177,6 +186,48 @@ CASES = [
      PWB + SIZES),
     ("pwb_ft_dtype", "P.pairwise_affinity_loss_backward(g0(), r(2, 4, 5, 6), r(2, 3, 5, 6).half(), 1)",
      PWB + r"ft must have the same dtype as fs \(torch.float64\), got torch.float16"),
+    # pairwise_affinity_loss_for_backward: the forward's checks under its own name
+    ("pwf_valid", "P.pairwise_affinity_loss_for_backward(*pw(), 2)", None),
+    ("pwf_valid_empty_map", "P.pairwise_affinity_loss_for_backward(*pw(h=0), 2)", None),
+    ("pwf_patch_zero", "P.pairwise_affinity_loss_for_backward(*pw(), 0)", PWF + r"patch must be >= 1, got 0"),
+    ("pwf_ft_spatial", "P.pairwise_affinity_loss_for_backward(r(2, 4, 5, 6), r(2, 3, 5, 4), 1)", PWF + SIZES),
+    ("pwf_fs_int", "P.pairwise_affinity_loss_for_backward(ints(2, 4, 5, 6), ints(2, 3, 5, 6), 1)",
+     PWF + "fs " + FLOAT + "int64"),
+    # pairwise_affinity_loss_saved_backward: the saved tensors are indexed blindly by the kernels
+    ("pws_valid", "P.pairwise_affinity_loss_saved_backward(g0(), *pw(), *saved(), 2)", None),
+    ("pws_valid_float32", "P.pairwise_affinity_loss_saved_backward(g0(), *pw(dtype=torch.float32),"
+     " *saved(dtype=torch.float32), 2)", None),
+    ("pws_valid_empty_map", "P.pairwise_affinity_loss_saved_backward(g0(), *pw(h=0), *saved(h=0), 2)", None),
+    ("pws_valid_patch_beyond_image", "P.pairwise_affinity_loss_saved_backward(g0(), *pw(), *saved(9), 2**62)", None),
+    ("pws_valid_strided_saved", "P.pairwise_affinity_loss_saved_backward(g0(), *pw(),"
+     " *saved(i=0, t=lambda s: s.transpose(1, 2).contiguous().transpose(1, 2)), 2)", None),
+    ("pws_patch_zero", "P.pairwise_affinity_loss_saved_backward(g0(), *pw(), *saved(), 0)",
+     PWS + r"patch must be >= 1, got 0"),
+    ("pws_grad_shape", "P.pairwise_affinity_loss_saved_backward(torch.ones(3, dtype=f64), *pw(), *saved(), 2)",
+     PWS + r"grad must have one element \(the loss is a scalar\), got shape \(3,\)"),
+    ("pws_s_hat_float32", "P.pairwise_affinity_loss_saved_backward(g0(), *pw(), *saved(i=0, t=lambda s: s.float()), 2)",
+     PWS + r"s_hat must be a float64 tensor \(the forward's\), got torch.float32"),
+    ("pws_s_hat_other_patch", "P.pairwise_affinity_loss_saved_backward(g0(), *pw(), *saved(1), 2)",
+     PWS + r"s_hat must have shape \(2, 9, 4\) \(\(B, N, Cs\): N nodes of fs\), got \(2, 30, 4\)"),
+    ("pws_s_inv_2d", "P.pairwise_affinity_loss_saved_backward(g0(), *pw(), *saved(i=1, t=lambda s: s[..., 0]), 2)",
+     PWS + r"s_inv must have shape \(2, 9, 1\) \(\(B, N, 1\)\), got \(2, 9\)"),
+    ("pws_t_hat_channels", "P.pairwise_affinity_loss_saved_backward(g0(), *pw(), *saved(i=2, t=lambda s: s[..., :2]), 2)",
+     PWS + r"t_hat must have shape \(2, 9, 3\) \(\(B, N, Ct\)\), got \(2, 9, 2\)"),
+    ("pws_t_inv_half", "P.pairwise_affinity_loss_saved_backward(g0(), *pw(), *saved(i=3, t=lambda s: s.half()), 2)",
+     PWS + r"t_inv must be a float64 tensor \(the forward's\), got torch.float16"),
+    ("pws_pd_float32_for_float64", "P.pairwise_affinity_loss_saved_backward(g0(), *pw(), *saved(i=4, t=lambda s: s.float()), 2)",
+     PWS + r"pd must be a float64 tensor \(the forward's\), got torch.float32"),
+    ("pws_pd_float64_for_float32", "P.pairwise_affinity_loss_saved_backward(g0(), *pw(dtype=torch.float32),"
+     " *saved(dtype=torch.float32, i=4, t=lambda s: s.double()), 2)",
+     PWS + r"pd must be a float32 tensor \(the forward's\), got torch.float64"),
+    ("pws_pd_small", "P.pairwise_affinity_loss_saved_backward(g0(), *pw(), *saved(i=4, t=lambda s: s[:, :1]), 2)",
+     PWS + r"pd must have shape \(2, 9, 8\) \(\(B, N, 2 max\(Cs, Ct\)\)\), got \(2, 1, 8\)"),
+    ("pws_coef_columns", "P.pairwise_affinity_loss_saved_backward(g0(), *pw(), *saved(i=5, t=lambda s: s[..., :-1]), 2)",
+     PWS + r"coef must have shape \(2, 8, 7\) \(\(B, 2 max\(Cs, Ct\), Cs \+ Ct\)\), got \(2, 8, 6\)"),
+    ("pws_coef_batch", "P.pairwise_affinity_loss_saved_backward(g0(), *pw(), *saved(i=5, t=lambda s: s[:1]), 2)",
+     PWS + r"coef must have shape \(2, 8, 7\)"),
+    ("pws_ft_dtype", "P.pairwise_affinity_loss_saved_backward(g0(), r(2, 4, 5, 6), r(2, 3, 5, 6).float(), *saved(), 2)",
+     PWS + r"ft must have the same dtype as fs \(torch.float64\), got torch.float32"),
 ]
 IDS = [c[0] for c in CASES]
 BAD = [c for c in CASES if c[2] is not None]
