@@ -4,6 +4,8 @@ from . import distillation as _distillation
 from . import tasks as _tasks
 from .distillation import *  # noqa: F401,F403  (the names in distillation.__all__)
 from .feature import feature_loss
+from .holistic import HolisticDistillation, gradient_penalty, wasserstein_critic_loss
 from .tasks import *  # noqa: F401,F403  (the names in tasks.__all__)
 
 __all__ = [*_tasks.__all__, "feature_loss", *_distillation.__all__]
+__all__ += ["HolisticDistillation", "gradient_penalty", "wasserstein_critic_loss"]
