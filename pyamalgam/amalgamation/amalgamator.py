@@ -24,13 +24,13 @@ from .._checks import as_int, as_real
 from ..engine import Engine, NonFiniteLossError, PolyLR, TargetCache, module_device
 from ..engine.loop import batch_images
 from ..models.protocol import check_input, count_parameters
-from ..nn import ChannelCoding
 from .blockwise import BlockStep, feature_losses, frozen_pass, prediction_losses, weighted_sum
 from .branch import as_outputs, assemble_target_net, select_branch_points, teacher_losses
 from .checkpoints import branch_out_logged, hold_folders, resume_run, save_run
+from .connectors import connect_teachers, make_codings
 from .nonfinite import check_final_losses, explain
-from .setup import (check_choice, check_hparams, check_teachers, fixed_batches, make_student, resolve_outputs,
-                    resolve_weights, validate_blocks)
+from .setup import (check_choice, check_hparams, check_teachers, fixed_batches, make_student, plan_blocks,
+                    resolve_outputs, resolve_weights)
 
 __all__ = ["Amalgamator", "PolyLR"]
 
@@ -45,9 +45,10 @@ class Amalgamator:
     Args:
         teachers: name -> teacher, a :class:`pyamalgam.models.BlockNetwork` (e.g. ``segnet_vgg``,
             any :class:`~pyamalgam.models.SequentialBlockNet`, or a trained :class:`TargetNet` for
-            the online scheme of Eq. 9). All must have the same number of blocks and the same
-            block feature shapes. They are put in eval mode and their parameters get
-            ``requires_grad=False``.
+            the online scheme of Eq. 9). All must have the same number of blocks; one whose block
+            shapes differ from the student's gets connectors and is held wrapped in a
+            ``ConnectedTeacher`` (docs/amalgamation.md, heterogeneous teachers). They are put in
+            eval mode and their parameters get ``requires_grad=False``.
         tasks: name -> task ("segmentation", "depth", "normals", a Task or a loss callable) for
             teachers that declare no ``tasks`` themselves (or to override it).
         weights: lambda per output name (Eq. 6 / 8) or per teacher name (Eq. 9's weight of a
@@ -126,12 +127,11 @@ class Amalgamator:
         self._weights, self._teacher_weights = resolve_weights(self.teachers, self._outputs, weights)
         self.student = make_student(self.teachers, init)
         self.num_blocks = self.student.num_blocks
-        self._shapes = validate_blocks(self.teachers, self.student, probe_size)
-        self.codings = nn.ModuleDict({
-            str(n): nn.ModuleDict({key: ChannelCoding(self._shapes[n - 1][0], reduction, gate=coding_gate)
-                                   for key in self.teachers})
-            for n in range(1, self.num_blocks + 1)
-        })
+        plan = plan_blocks(self.teachers, self.student, probe_size)
+        self._shapes = plan.student
+        # ChannelCoding per (block, teacher); connectors only for teachers whose shapes differ
+        self.codings = make_codings(plan, self.teachers, reduction, coding_gate)
+        self.teachers = connect_teachers(self.teachers, self.codings, plan)
         self._place()
 
         self.loss_table: dict = {name: {} for out in self._outputs.values() for name in out}

@@ -5,6 +5,7 @@ of Eq. 7's final block losses. Everything here runs once, when an Amalgamator is
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
@@ -15,7 +16,7 @@ from ..losses import get_task
 from ..models.protocol import BlockNetwork, BlockTrunk, block_shapes, protocol_gap
 
 __all__ = ["check_teachers", "resolve_outputs", "resolve_weights", "make_student", "validate_blocks",
-           "fixed_batches", "check_choice", "check_hparams"]
+           "plan_blocks", "BlockPlan", "fixed_batches", "check_choice", "check_hparams"]
 
 
 def check_teachers(teachers) -> dict:
@@ -127,8 +128,36 @@ def _check_student(student, origin) -> None:
         raise ValueError(f"{origin} returned a trunk without a module for block(s) {absent}; a student trains every block")
 
 
+@dataclass
+class BlockPlan:
+    """What the probe found: the student's block shapes, and for every teacher whose shapes differ
+    (a heterogeneous teacher) its block shapes and the side tensors that need a connector.
+
+    student: (C, H, W) of blocks 1..N of the student (a dict per stream for a TargetNet copy).
+    teachers: teacher key -> its (C, H, W) per block, only for heterogeneous teachers.
+    side: teacher key -> {side key: (student shape, teacher shape)} where they differ.
+    side_owner: side key -> the student block that writes it.
+    """
+
+    student: list
+    teachers: dict = field(default_factory=dict)
+    side: dict = field(default_factory=dict)
+    side_owner: dict = field(default_factory=dict)
+
+
 def validate_blocks(teachers, student, probe_size) -> list:
-    """Probe every teacher: same block count (checked before), block feature shapes, side keys."""
+    """Probe every teacher (:func:`plan_blocks`); returns the student's block shapes."""
+    return plan_blocks(teachers, student, probe_size).student
+
+
+def plan_blocks(teachers, student, probe_size) -> BlockPlan:
+    """Probe every teacher: same block count (checked before), side keys, and block shapes.
+
+    A teacher whose block features (or float side tensors) differ from the student's in channels
+    or resolution is heterogeneous: it gets connectors (``connectors.py``). Refused: different
+    input channels, different side keys, a multi-stream teacher (a TargetNet) of other shapes, and
+    integer side information (pooling indices) of another shape, which no connector can map.
+    """
     divisor = math.lcm(*(t.size_divisor for t in teachers.values()))
     in_chans = {key: t.in_chans for key, t in teachers.items()}
     if len(set(in_chans.values())) > 1:
@@ -136,22 +165,76 @@ def validate_blocks(teachers, student, probe_size) -> list:
     h, w = probe_size if probe_size is not None else (2 * divisor, 2 * divisor)
     device = module_device(student)
     x = torch.rand(1, student.in_chans, h, w, generator=torch.Generator().manual_seed(0)).to(device)
-    reference = block_shapes(student, x)
-    ref_name = "the student"
+    plan = BlockPlan(block_shapes(student, x))
+    student_side = None  # probed only when some teacher differs
     for key, t in teachers.items():
-        for n, (got, want) in enumerate(zip(block_shapes(t.to(device), x), reference), start=1):
-            for stream, shape in (got.items() if isinstance(got, dict) else [(None, got)]):
-                if shape != want:
-                    where = f"teachers[{key!r}]" + ("" if stream is None else f" stream {stream!r}")
-                    raise ValueError(f"block {n}: {where} gives features {shape} but {ref_name} (a copy of the "
-                                     f"first teacher) gives {want}; teachers must share block shapes")
+        shapes = block_shapes(t.to(device), x)
         with torch.no_grad():
             theirs = t.eval().side_keys(x)
             ours = None if theirs is None else student.eval().side_keys(x)
         if theirs is not None and theirs != ours:
             raise ValueError(f"teachers[{key!r}] carries side information {sorted(theirs)} but the student carries "
                              f"{sorted(ours)}; teachers must share the block structure")
-    return reference
+        differ = _first_difference(key, shapes, plan.student)
+        if theirs is None:  # multi-stream: no connectors for it
+            if differ is not None:
+                raise ValueError(f"{differ}; a multi-stream teacher (a TargetNet) must share the student's block shapes")
+            continue
+        if student_side is None:
+            student_side, plan.side_owner = _student_side(student, x)
+        side = _side_differences(key, t, x, student_side, differ)
+        if differ is not None or side:
+            plan.teachers[key], plan.side[key] = shapes, side
+    return plan
+
+
+def _first_difference(key, shapes, reference):
+    """The message naming the first block whose shapes differ, or None."""
+    for n, (got, want) in enumerate(zip(shapes, reference), start=1):
+        for stream, shape in (got.items() if isinstance(got, dict) else [(None, got)]):
+            if shape != want:
+                where = f"teachers[{key!r}]" + ("" if stream is None else f" stream {stream!r}")
+                return (f"block {n}: {where} gives features {shape} but the student (a copy of the "
+                        f"first teacher) gives {want}")
+    return None
+
+
+@torch.no_grad()
+def _student_side(student, x):
+    """The student's side tensors on ``x`` and, per key, the block that writes it."""
+    was_training = student.training
+    student.eval()
+    side, owner, feat = {}, {}, x
+    try:
+        for n in range(1, student.num_blocks + 1):
+            before = set(side)
+            feat = student.block(n)(feat, side)
+            owner.update({k: n for k in set(side) - before})
+    finally:
+        student.train(was_training)
+    return side, owner
+
+
+@torch.no_grad()
+def _side_differences(key, teacher, x, student_side, differ) -> dict:
+    """side key -> (student shape, teacher shape) for the side tensors whose shapes differ."""
+    _, theirs = teacher.eval().forward_until(x, teacher.num_blocks)
+    out = {}
+    for k in sorted(theirs):
+        mine, t = student_side[k], theirs[k]
+        if mine.shape == t.shape:
+            continue
+        if not (mine.is_floating_point() and t.is_floating_point()):
+            lead = differ or f"teachers[{key!r}]'s side information differs from the student's"
+            raise ValueError(f"{lead}, and its side information {k!r} ({t.dtype} {tuple(t.shape[1:])} vs the "
+                             f"student's {tuple(mine.shape[1:])}, e.g. SegNet's pooling indices) cannot be mapped "
+                             f"by a connector; teachers whose shapes differ need float side information (U-Net skips, "
+                             f"e.g. unet_vgg) or none")
+        if mine.dim() != 4 or t.dim() != 4:
+            raise ValueError(f"teachers[{key!r}]: side information {k!r} has shape {tuple(t.shape)} but the student's "
+                             f"has {tuple(mine.shape)}; only (B, C, H, W) feature maps can be connected")
+        out[k] = (tuple(mine.shape[1:]), tuple(t.shape[1:]))
+    return out
 
 
 def fixed_batches(loader, count, probe_loader) -> list:

@@ -7,6 +7,7 @@ from .heads import DepthHead, NormalHead, SegmentationHead
 from .protocol import (BlockNetwork, BlockTrunk, Side, block_shapes, check_input, count_parameters, missing_members,
                        protocol_gap)
 from .sequential import SequentialBlockNet
+from .smp import SMPBlockNet, from_smp
 from .vgg import DecoderBlock, EncoderBlock, VGGEncoderDecoder, segnet_vgg, unet_vgg
 
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "SegmentationHead",
     "DepthHead",
     "NormalHead",
+    "from_smp",
+    "SMPBlockNet",
 ]
 
 
