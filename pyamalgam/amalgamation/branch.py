@@ -16,6 +16,7 @@ from torch import nn
 
 from ..models.protocol import BlockNetwork, BlockTrunk, Side, check_input
 from ..models.sequential import SequentialBlockNet
+from .connectors import branch_coding
 
 __all__ = ["select_branch_points", "teacher_losses", "decoder_candidates", "Branch", "TargetNet", "assemble_target_net",
            "as_outputs"]
@@ -196,6 +197,13 @@ class TargetNet(BlockNetwork):
         return SequentialBlockNet(blocks, None, num_blocks=self.num_blocks, size_divisor=self.size_divisor,
                                   in_chans=self.in_chans)
 
+    def save(self, path, *, resolution=None, extra=None):
+        """Write this TargetNet as one self-describing file (safetensors + architecture JSON, no
+        pickle), atomically; ``pyamalgam.load(path)`` rebuilds it. See docs/deploy.md."""
+        from ..models.serialize import save_model
+
+        return save_model(self, path, resolution=resolution, extra=extra)
+
     def _run_trunk(self, x, start, stop, side):
         for i in range(start, stop + 1):
             x = self.trunk[str(i)](x, side)
@@ -227,7 +235,7 @@ def assemble_target_net(student: BlockTrunk, codings: Mapping, teachers: Mapping
     """
     last = max(points.values())
     trunk = {i: copy.deepcopy(student.block(i)) for i in range(1, last + 1)}
-    branches = {key: Branch(p, copy.deepcopy(codings[str(p)][key]), teachers[key].tail(p)) for key, p in points.items()}
+    branches = {key: Branch(p, branch_coding(codings[str(p)][key]), teachers[key].tail(p)) for key, p in points.items()}
     net = TargetNet(trunk, branches, outputs, num_blocks=student.num_blocks, size_divisor=student.size_divisor,
                     in_chans=student.in_chans, task_weights=task_weights)
     return net.requires_grad_(True).train()
