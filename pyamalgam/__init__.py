@@ -10,10 +10,12 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = {"ops", "nn", "data", "metrics", "models", "losses", "amalgamation"}
+_SUBMODULES = {"ops", "nn", "data", "metrics", "models", "losses", "amalgamation", "distill", "deploy"}
 _EXPORTS = {
     "Amalgamator": ("pyamalgam.amalgamation", "Amalgamator"),
     "TargetNet": ("pyamalgam.amalgamation", "TargetNet"),
+    "Distiller": ("pyamalgam.distill", "Distiller"),
+    "load": ("pyamalgam.deploy", "load"),
     "build_info": ("pyamalgam._extension", "build_info"),
 }
 

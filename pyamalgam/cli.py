@@ -258,13 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_selfcheck, subparser=p)
     _add_demo(sub)
     _add_train_teacher(sub)
+    from .deploy import export_command, predict_command  # their modules import torch only when run
+    from .distill.command import add_parser as _add_distill
+    _add_distill(sub)
+    export_command.add_parser(sub)
+    predict_command.add_parser(sub)
     return parser
 
 
 def _check(args) -> None:
     """Checks that need several arguments together (argparse types see one at a time), and the
     output folder; all before any work, each error naming the argument (exit 2)."""
-    check = {"demo": _check_demo, "train-teacher": _check_train_teacher}.get(args.command)
+    check = {"demo": _check_demo, "train-teacher": _check_train_teacher}.get(args.command, getattr(args, "check", None))
     if check is not None:
         try:
             check(args)

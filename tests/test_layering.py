@@ -15,14 +15,16 @@ ALLOWED = {
     "ops": set(),
     "selfcheck": {"ops"},
     "nn": {"ops"},
-    "losses": {"ops"},
+    "losses": {"ops", "nn"},  # the holistic term holds its critic (nn.Discriminator)
     "models": {"ops", "nn", "losses"},
     "engine": set(),  # the training machinery knows no network, no loss, no data set
     "amalgamation": {"engine", "models", "nn", "losses", "ops"},
     "teachers": {"engine", "models", "nn", "losses", "ops", "data", "metrics"},  # a package: the trainer, its files, the command
     "report": {"metrics"},
     "demo": {"engine", "models", "nn", "losses", "ops", "data", "metrics", "amalgamation", "teachers", "report"},
-    "cli": {"demo", "teachers", "selfcheck", "data", "engine", "amalgamation"},
+    "distill": {"engine", "models", "nn", "losses", "ops", "data", "metrics", "teachers"},
+    "deploy": {"engine", "models", "nn", "losses", "ops", "amalgamation", "teachers", "data", "cli"},
+    "cli": {"demo", "teachers", "selfcheck", "data", "engine", "amalgamation", "distill", "deploy"},
 }
 
 
