@@ -17,11 +17,11 @@ follows the checkpoint (``docs/amalgamation.md``, "Checkpoints and resume"), and
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..engine import (CorruptFileError, FolderLock, PhaseState, check_tensors, check_weights, load_checkpoint,
+from ..engine.lock import hold_folders
+from ..engine import (CorruptFileError, PhaseState, check_tensors, check_weights, load_checkpoint,
                       save_checkpoint)
 from .run_meta import check_run_meta
 
@@ -116,28 +116,6 @@ def branch_out_logged(am, points) -> bool:
     return logged is not None and logged == points
 
 
-def hold_folders(am) -> None:
-    """Lock ``checkpoint_dir`` and ``log_dir`` (rank 0, the one writer) for as long as ``am``
-    lives: a second process on them is refused (:class:`~pyamalgam.engine.FolderInUseError`)."""
-    if am.rank != 0:
-        return
-    folders = {}
-    for folder, what in ((am.checkpoint_dir, "checkpoint_dir"), (am.log_dir, "log_dir")):
-        if folder is not None:
-            folders.setdefault(Path(folder).resolve(), (folder, what))
-    locks: list = []
-    try:
-        for folder, what in folders.values():
-            locks.append(FolderLock(folder, what).acquire())
-    except BaseException:
-        _release(locks)
-        raise
-    weakref.finalize(am, _release, locks)  # also at exit; a killed process's locks go with it
-
-
-def _release(locks) -> None:
-    for lock in locks:
-        lock.release()
 
 
 def _resume_path(resume, checkpoint_dir) -> Path | None:

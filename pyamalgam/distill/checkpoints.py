@@ -13,11 +13,11 @@ Distiller, all before anything changes, so a bad file is one CorruptFileError na
 """
 from __future__ import annotations
 
-import weakref
 from pathlib import Path
 
-from ..engine import (CorruptFileError, FolderLock, PhaseState, check_tensors, check_weights, load_checkpoint,
+from ..engine import (CorruptFileError, PhaseState, check_tensors, check_weights, load_checkpoint,
                       save_checkpoint)
+from ..engine.lock import hold_folders
 from ..engine.phase_checks import check_phase_meta
 from ..engine.schema import ANY, Int, ListOf, MapOf, Record, Str, validate
 
@@ -131,25 +131,3 @@ def _resume_path(resume, checkpoint_dir) -> Path | None:
     return path
 
 
-def hold_folders(d) -> None:
-    """Lock ``checkpoint_dir`` and ``log_dir`` (rank 0) for as long as ``d`` lives: a second
-    process on them is refused (:class:`~pyamalgam.engine.FolderInUseError`)."""
-    if d.rank != 0:
-        return
-    folders = {}
-    for folder, what in ((d.checkpoint_dir, "checkpoint_dir"), (d.log_dir, "log_dir")):
-        if folder is not None:
-            folders.setdefault(Path(folder).resolve(), (folder, what))
-    locks: list = []
-    try:
-        for folder, what in folders.values():
-            locks.append(FolderLock(folder, what).acquire())
-    except BaseException:
-        _release(locks)
-        raise
-    weakref.finalize(d, _release, locks)
-
-
-def _release(locks) -> None:
-    for lock in locks:
-        lock.release()

@@ -21,6 +21,7 @@ import errno
 import os
 import threading
 import warnings
+import weakref
 from pathlib import Path
 
 try:
@@ -157,3 +158,28 @@ def _holder(fd: int):
     except OSError:
         return "unknown"
     return int(text) if text.isdigit() else "unknown"
+
+
+def hold_folders(owner) -> None:
+    """Lock ``owner.checkpoint_dir`` and ``owner.log_dir`` (rank 0, the one writer) for as long as
+    ``owner`` (a trainer) lives: a second process on them is refused (:class:`FolderInUseError`).
+    One lock per folder when both name the same one."""
+    if owner.rank != 0:
+        return
+    folders = {}
+    for folder, what in ((owner.checkpoint_dir, "checkpoint_dir"), (owner.log_dir, "log_dir")):
+        if folder is not None:
+            folders.setdefault(Path(folder).resolve(), (folder, what))
+    locks: list = []
+    try:
+        for folder, what in folders.values():
+            locks.append(FolderLock(folder, what).acquire())
+    except BaseException:
+        _release(locks)
+        raise
+    weakref.finalize(owner, _release, locks)  # also at exit; a killed process's locks go with it
+
+
+def _release(locks) -> None:
+    for lock in locks:
+        lock.release()
