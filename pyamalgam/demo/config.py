@@ -36,7 +36,7 @@ class DemoConfig:
     batch_size: int = 8
     teacher_steps: int = 1200
     teacher_lr: float = 2e-3
-    block_steps: int = 32         # per block of the block-wise amalgamation (Step 2)
+    block_steps: int = 128        # per block of the block-wise amalgamation (Step 2)
     finetune_steps: int = 1600    # Step 4, the same for every fine-tuned TargetNet
     finetune_variants: bool = False  # also fine-tune Decoder_b1..b5 (else: Steps 2-3 only)
     amalgam_lr: float = 3e-3
@@ -171,7 +171,7 @@ def demo_config(quick: bool = False, device="cpu", **overrides) -> DemoConfig:
                          figure_samples=4, num_workers=min(8, os.cpu_count() or 1), channels_last=False)
     elif quick:  # the README's command on a 2-core CPU: every stage, small images, few steps
         cfg = DemoConfig(resolution=(64, 64), num_bins=16, train_size=320, unlabelled_size=320, test_size=64,
-                         teacher_steps=250, teacher_lr=3e-3, block_steps=10, finetune_steps=100, probe_images=16)
+                         teacher_steps=250, teacher_lr=3e-3, block_steps=40, finetune_steps=300, probe_images=16)
     else:
         cfg = DemoConfig()
     unknown = set(overrides) - {f.name for f in dataclasses.fields(DemoConfig)}
