@@ -32,6 +32,17 @@ TORCH_LIBRARY(pyamalgam, m) {
   // Thesis 003, Eq. 3.2 with a Chebyshev window of the given radius (csrc/cpu/pairwise_local.cpp).
   m.def("pairwise_local_loss(Tensor fs, Tensor ft, int radius, int patch) -> Tensor");
   m.def("pairwise_local_loss_backward(Tensor grad, Tensor fs, Tensor ft, int radius, int patch) -> (Tensor, Tensor)");
+  // Thesis 003, Eq. 5.2: cross-frame affinities of student (fs_t, fs_k) against teacher (ft_t, ft_k),
+  // exact and linear in the nodes (csrc/cpu/pairwise_frames.cpp); the _for_backward overload also
+  // returns what the backward needs, frames stacked on the batch: (loss, s_hat, s_inv, t_hat, t_inv, pd, coef).
+  m.def("pairwise_frames_loss(Tensor fs_t, Tensor fs_k, Tensor ft_t, Tensor ft_k, int patch) -> Tensor");
+  m.def("pairwise_frames_loss_backward(Tensor grad, Tensor fs_t, Tensor fs_k, Tensor ft_t, Tensor ft_k, int patch)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("pairwise_frames_loss_for_backward(Tensor fs_t, Tensor fs_k, Tensor ft_t, Tensor ft_k, int patch)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("pairwise_frames_loss_saved_backward(Tensor grad, Tensor fs_t, Tensor fs_k, Tensor ft_t, Tensor ft_k,"
+        " Tensor s_hat, Tensor s_inv, Tensor t_hat, Tensor t_inv, Tensor pd, Tensor coef, int patch)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace py = pybind11;

@@ -21,6 +21,8 @@ def _cases(device):
     # Thesis 003: channel-wise (Eqs. 4.3-4.4, T = 3) and local pair-wise (Eq. 3.2, radius 1, 2x2 cells).
     yield "channel_wise_loss", (lambda s, t: ops.channel_wise_loss(s, t, 3.0)), (lambda s, t: reference.channel_wise_loss(s, t, 3.0)), [rnd(2, 5, 9, 7), rnd(2, 5, 9, 7)]
     yield "pairwise_local_loss", (lambda s, t: ops.pairwise_local_loss(s, t, 1, 2)), (lambda s, t: reference.pairwise_local_loss(s, t, 1, 2)), [rnd(2, 6, 9, 7), rnd(2, 4, 9, 7)]
+    # Thesis 003 ch. 5: pair-wise frames (Eq. 5.2), student frames t and t+k, then the teacher's, 2x2 cells.
+    yield "pairwise_frames_loss", (lambda *a: ops.pairwise_frames_loss(*a, 2)), (lambda *a: reference.pairwise_frames_loss(*a, 2)), [rnd(2, 6, 9, 7), rnd(2, 6, 9, 7), rnd(2, 4, 9, 7), rnd(2, 4, 9, 7)]
 
 
 def _run(fn, args):

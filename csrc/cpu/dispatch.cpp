@@ -11,6 +11,7 @@
 
 #include "checks.h"
 #include "checks_distill.h"
+#include "checks_temporal.h"
 #include "cpu/dispatch.h"
 #include "cpu/kernels.h"
 #include "pairwise_affinity.h"
@@ -143,6 +144,42 @@ std::tuple<at::Tensor, at::Tensor> pairwise_local_loss_backward(const at::Tensor
   return kernel(grad, fs, ft, radius, patch);
 }
 
+// Thesis 003, Eq. 5.2 (csrc/cpu/pairwise_frames.cpp). The plain loss and backward (direct calls)
+// run the forward that keeps what the backward needs; the Python API calls the two halves itself.
+cpu::PairwiseFramesSaved pairwise_frames_loss_for_backward(const at::Tensor& fs_t, const at::Tensor& fs_k,
+                                                      const at::Tensor& ft_t, const at::Tensor& ft_k, int64_t patch) {
+  check_pairwise_frames_loss(fs_t, fs_k, ft_t, ft_k, patch, "pairwise_frames_loss_for_backward");
+  static const auto kernel = PYAMALGAM_CPU_KERNEL(pairwise_frames_loss_for_backward);
+  return kernel(fs_t, fs_k, ft_t, ft_k, patch);
+}
+
+at::Tensor pairwise_frames_loss(const at::Tensor& fs_t, const at::Tensor& fs_k, const at::Tensor& ft_t,
+                                const at::Tensor& ft_k, int64_t patch) {
+  check_pairwise_frames_loss(fs_t, fs_k, ft_t, ft_k, patch);
+  static const auto kernel = PYAMALGAM_CPU_KERNEL(pairwise_frames_loss_for_backward);
+  return std::get<0>(kernel(fs_t, fs_k, ft_t, ft_k, patch));
+}
+
+using FourGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+FourGrads pairwise_frames_loss_saved_backward(const at::Tensor& grad, const at::Tensor& fs_t, const at::Tensor& fs_k,
+                                              const at::Tensor& ft_t, const at::Tensor& ft_k, const at::Tensor& s_hat,
+                                              const at::Tensor& s_inv, const at::Tensor& t_hat, const at::Tensor& t_inv,
+                                              const at::Tensor& pd, const at::Tensor& coef, int64_t patch) {
+  check_pairwise_frames_loss_saved_backward(grad, fs_t, fs_k, ft_t, ft_k, s_hat, s_inv, t_hat, t_inv, pd, coef, patch);
+  static const auto kernel = PYAMALGAM_CPU_KERNEL(pairwise_frames_loss_saved_backward);
+  return kernel(grad, fs_t, fs_k, ft_t, ft_k, s_hat, s_inv, t_hat, t_inv, pd, coef, patch);
+}
+
+FourGrads pairwise_frames_loss_backward(const at::Tensor& grad, const at::Tensor& fs_t, const at::Tensor& fs_k,
+                                        const at::Tensor& ft_t, const at::Tensor& ft_k, int64_t patch) {
+  check_pairwise_frames_loss_backward(grad, fs_t, fs_k, ft_t, ft_k, patch);
+  static const auto forward = PYAMALGAM_CPU_KERNEL(pairwise_frames_loss_for_backward);
+  static const auto backward = PYAMALGAM_CPU_KERNEL(pairwise_frames_loss_saved_backward);
+  const auto [loss, s_hat, s_inv, t_hat, t_inv, pd, coef] = forward(fs_t, fs_k, ft_t, ft_k, patch);
+  return backward(grad, fs_t, fs_k, ft_t, ft_k, s_hat, s_inv, t_hat, t_inv, pd, coef, patch);
+}
+
 }  // namespace
 
 // The pair-wise loss registers its CPU implementation in csrc/pairwise_affinity.cpp.
@@ -158,6 +195,10 @@ TORCH_LIBRARY_IMPL(pyamalgam, CPU, m) {
   m.impl("channel_wise_loss_backward", &channel_wise_loss_backward);
   m.impl("pairwise_local_loss", &pairwise_local_loss);
   m.impl("pairwise_local_loss_backward", &pairwise_local_loss_backward);
+  m.impl("pairwise_frames_loss", &pairwise_frames_loss);
+  m.impl("pairwise_frames_loss_backward", &pairwise_frames_loss_backward);
+  m.impl("pairwise_frames_loss_for_backward", &pairwise_frames_loss_for_backward);
+  m.impl("pairwise_frames_loss_saved_backward", &pairwise_frames_loss_saved_backward);
 }
 
 }  // namespace pyamalgam

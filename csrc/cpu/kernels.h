@@ -49,9 +49,27 @@
                                                                   int64_t patch);                             \
   }
 
+// The temporal losses of thesis 003, ch. 5 (csrc/cpu/pairwise_frames.cpp): the pair-wise-frames
+// loss and what its backward needs, (loss, s_hat, s_inv, t_hat, t_inv, pd, coef).
+namespace pyamalgam::cpu {
+using PairwiseFramesSaved = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+}
+#define PYAMALGAM_DECLARE_TEMPORAL_CPU_KERNELS(isa)                                                         \
+  namespace pyamalgam::cpu::isa {                                                                           \
+  PairwiseFramesSaved pairwise_frames_loss_for_backward(const at::Tensor& fs_t, const at::Tensor& fs_k,      \
+                                                        const at::Tensor& ft_t, const at::Tensor& ft_k,      \
+                                                        int64_t patch);                                     \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pairwise_frames_loss_saved_backward(            \
+      const at::Tensor& grad, const at::Tensor& fs_t, const at::Tensor& fs_k, const at::Tensor& ft_t,        \
+      const at::Tensor& ft_k, const at::Tensor& s_hat, const at::Tensor& s_inv, const at::Tensor& t_hat,     \
+      const at::Tensor& t_inv, const at::Tensor& pd, const at::Tensor& coef, int64_t patch);                 \
+  }
+
 PYAMALGAM_DECLARE_CPU_KERNELS(base)
 PYAMALGAM_DECLARE_DISTILL_CPU_KERNELS(base)
+PYAMALGAM_DECLARE_TEMPORAL_CPU_KERNELS(base)
 #ifdef PYAMALGAM_CPU_HAVE_AVX2
 PYAMALGAM_DECLARE_CPU_KERNELS(avx2)
 PYAMALGAM_DECLARE_DISTILL_CPU_KERNELS(avx2)
+PYAMALGAM_DECLARE_TEMPORAL_CPU_KERNELS(avx2)
 #endif

@@ -16,13 +16,21 @@ and exposes ``num_classes``, ``class_names``, ``ignore_index``, ``max_depth`` an
 * :class:`NYUv2`: the pre-processed multi-task NYU Depth v2 ``.npy`` release;
 * :class:`Cityscapes`: official layout, depth from disparity, no normals.
 
+Video (clips of T frames, the same keys with a leading time axis, plus flow where known):
+:class:`SyntheticClips` (exact flow and visibility), :class:`CityscapesSequences` and
+:class:`CamVidSequences` (:mod:`pyamalgam.data.video`; labels only on the annotated frames).
+
 Of pyamalgam, this sub-package imports only the standalone helpers ``_checks`` and ``_io`` (no
 compiled extension needed).
+The video loaders also use the standalone flow convention, ``pyamalgam._flow``.
 """
 from ._common import SAMPLE_KEYS
 from .cityscapes import CATEGORY_NAMES, TRAIN_ID_NAMES, Cityscapes
 from .nyuv2 import NYUV2_CLASS_NAMES, NYUv2
 from .synthetic import SceneSpec, SyntheticScenes
+from .synthetic import SyntheticClips
+from .video import CAMVID_CLASS_NAMES, CamVidSequences, CityscapesSequences
 
 __all__ = ["CATEGORY_NAMES", "NYUV2_CLASS_NAMES", "SAMPLE_KEYS", "TRAIN_ID_NAMES", "Cityscapes", "NYUv2", "SceneSpec",
            "SyntheticScenes"]
+__all__ += ["CAMVID_CLASS_NAMES", "CamVidSequences", "CityscapesSequences", "SyntheticClips"]

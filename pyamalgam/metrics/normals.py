@@ -1,4 +1,5 @@
-"""Streaming surface-normal metrics (Eigen & Fergus, 2015): angular error statistics."""
+"""Streaming surface-normal metrics: angular error statistics (Eigen & Fergus, 2015) and the
+mean cosine similarity of seed 002."""
 from __future__ import annotations
 
 import math
@@ -9,7 +10,7 @@ import torch
 from .._checks import check_int
 from .segmentation import _check_mask, _check_tensor
 
-__all__ = ["NormalMetric", "angular_error"]
+__all__ = ["NormalMetric", "NormalCosineMetric", "angular_error"]
 
 THRESHOLDS = (11.25, 22.5, 30.0)
 _KEYS = ("mean", "median", "rmse", "within_11_25", "within_22_5", "within_30")
@@ -139,3 +140,71 @@ class NormalMetric:
         s = (self._sums / n).tolist()
         return {"mean": s[0], "median": self._median(), "rmse": math.sqrt(s[1]),
                 "within_11_25": s[2], "within_22_5": s[3], "within_30": s[4]}
+
+
+class NormalCosineMetric:
+    """Mean cosine similarity between predicted and true normals (seed 002's "SN CS" column).
+
+    ``cosine = (1/N) sum_i p_i . t_i / (|p_i| |t_i|)`` over the N evaluated pixels, pixel-pooled
+    over the data set (a float64 sum). Evaluated pixels, shapes and errors as in
+    :class:`NormalMetric`: ``pred`` and ``target`` (B, 3, H, W) of any length, an optional bool
+    ``mask`` (B, H, W); a pixel counts where ``mask`` is True and ``target`` is finite and
+    non-zero; a zero prediction there scores 0 (no direction). :meth:`compute` returns
+    ``{"cosine": ...}`` in [-1, 1], ``nan`` when no pixel has been evaluated. The seed does not
+    say how it averages (per image or per pixel); this is per pixel, like the other metrics here.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def __repr__(self) -> str:
+        return "NormalCosineMetric()"
+
+    def reset(self) -> None:
+        """Forget everything seen so far."""
+        self._sum: Optional[torch.Tensor] = None
+        self._count = 0
+
+    @property
+    def num_pixels(self) -> int:
+        """Number of pixels evaluated so far."""
+        return self._count
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
+        """Accumulate one batch (see the class docstring)."""
+        p, t = _normal_pixels(pred, target, mask)
+        pn, tn = torch.linalg.vector_norm(p, dim=1), torch.linalg.vector_norm(t, dim=1)
+        cos = (p * t).sum(1) / (pn * tn).clamp_min(torch.finfo(torch.float64).tiny)
+        total = cos.sum()
+        self._sum = total if self._sum is None else self._sum + total.to(self._sum.device)
+        self._count += int(cos.numel())
+
+    def compute(self) -> Dict[str, float]:
+        """The pixel-pooled mean cosine since the last reset."""
+        if self._sum is None:
+            raise RuntimeError("NormalCosineMetric.compute() called before any update()")
+        return {"cosine": math.nan if self._count == 0 else float(self._sum) / self._count}
+
+
+def _normal_pixels(pred, target, mask):
+    """The evaluated pixels of :class:`NormalMetric`'s inputs as float64 (N, 3) pairs."""
+    _check_tensor("pred", pred, floating=True)
+    _check_tensor("target", target, floating=True)
+    if target.dim() < 2 or target.shape[1] != 3:
+        raise ValueError(f"target must have shape (B, 3, H, W) (3 vector components at dim 1), "
+                         f"got {tuple(target.shape)}")
+    if pred.shape != target.shape:
+        raise ValueError(f"pred must have the shape of target {tuple(target.shape)}, got {tuple(pred.shape)}")
+    if pred.device != target.device:
+        raise ValueError(f"pred and target must be on the same device, got {pred.device} and {target.device}")
+    mask = _check_mask(mask, target.shape[:1] + target.shape[2:], target_name="target without its channel dim")
+    valid = torch.isfinite(target).all(1) & (target != 0).any(1)
+    if mask is not None:
+        valid &= mask.to(valid.device)
+    p = pred.movedim(1, -1)[valid].double()
+    t = target.movedim(1, -1)[valid].double()
+    if not torch.isfinite(p).all():
+        raise ValueError(f"pred holds non-finite values at {int((~torch.isfinite(p).all(1)).sum())} "
+                         f"evaluated pixel(s)")
+    return p, t

@@ -157,3 +157,23 @@ def channel_wise_loss(ys, yt, temperature=1.0):
     log_pt = torch.log_softmax(yt.reshape(b, c, -1) / temperature, dim=-1)
     kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=-1)
     return temperature**2 * kl.sum(dim=1).mean() / c
+
+
+# --- Temporal distillation (thesis 003, ch. 5) -----------------------------------------------------------
+__all__ += ["pairwise_frames_loss"]
+
+
+def pairwise_frames_loss(fs_t, fs_k, ft_t, ft_k, patch=1):
+    """Thesis §5.3.2, Eq. 5.2: pair-wise-frames distillation.
+
+    ``a_ij = cos(f_t^i, f_{t+k}^j)`` between node i of frame t and node j of frame t+k (nodes as in
+    :func:`pool_nodes`, L2-normalised by :func:`normalize_nodes`); the loss is the mean over all
+    node pairs of ``(a^s_ij - a^t_ij)^2``, averaged over the batch. Builds both N x N cross-frame
+    affinity matrices. An empty batch or map (no node pairs) gives 0 and zero gradients.
+    """
+    if fs_t.shape[0] * fs_t.shape[2] * fs_t.shape[3] == 0:
+        return (fs_t.sum() + fs_k.sum() + ft_t.sum() + ft_k.sum()) * 0
+    nodes = lambda f: normalize_nodes(pool_nodes(f, patch))  # noqa: E731
+    a_s = nodes(fs_t) @ nodes(fs_k).transpose(1, 2)
+    a_t = nodes(ft_t) @ nodes(ft_k).transpose(1, 2)
+    return ((a_s - a_t) ** 2).mean(dim=(1, 2)).mean()

@@ -45,6 +45,14 @@ def saved(patch=2, h=5, dtype=f64, i=None, t=None):  # what the forward saved; e
     if i is not None:
         s[i] = t(s[i])
     return s
+def pf(h=5, dtype=f64):  # valid pairwise_frames arguments: fs_t, fs_k (2, 4, h, 6), ft_t, ft_k (2, 3, h, 6)
+    (fs_t, ft_t), (fs_k, ft_k) = pw(h, dtype), pw(h, dtype)
+    return fs_t, fs_k, ft_t, ft_k
+def pf_saved(patch=2, h=5, dtype=f64, i=None, t=None):  # what the pairwise_frames forward saved
+    s = list(P.pairwise_frames_loss_for_backward(*pf(h, dtype), patch)[1:])
+    if i is not None:
+        s[i] = t(s[i])
+    return s
 """
 
 FLOAT = r"must be a floating-point tensor \(float16, bfloat16, float32 or float64\), got torch\."
@@ -59,6 +67,9 @@ PWB = "pairwise_affinity_loss_backward: "
 PWF = "pairwise_affinity_loss_for_backward: "
 PWS = "pairwise_affinity_loss_saved_backward: "
 SIZES = r"fs and ft must have the same batch and spatial sizes \(channels may differ\)"
+PF, PFB = "pairwise_frames_loss: ", "pairwise_frames_loss_backward: "
+PFF, PFS = "pairwise_frames_loss_for_backward: ", "pairwise_frames_loss_saved_backward: "
+PF_SIZES = r"fs_t and ft_t must have the same batch and spatial sizes \(channels may differ\)"
 
 # (id, expression, regex the message must match; None: a valid call that must succeed).
 CASES = [
@@ -228,6 +239,61 @@ CASES = [
      PWS + r"coef must have shape \(2, 8, 7\)"),
     ("pws_ft_dtype", "P.pairwise_affinity_loss_saved_backward(g0(), r(2, 4, 5, 6), r(2, 3, 5, 6).float(), *saved(), 2)",
      PWS + r"ft must have the same dtype as fs \(torch.float64\), got torch.float32"),
+    # pairwise_frames_loss (thesis Eq. 5.2) and its three companions
+    ("pf_valid", "P.pairwise_frames_loss(*pf(), 2)", None),
+    ("pf_valid_patch_beyond_image", "P.pairwise_frames_loss(*pf(), 2**62)", None),
+    ("pf_valid_empty_map", "P.pairwise_frames_loss(*pf(h=0), 1)", None),
+    ("pf_patch_zero", "P.pairwise_frames_loss(*pf(), 0)", PF + r"patch must be >= 1, got 0"),
+    ("pf_fs_t_3d", "P.pairwise_frames_loss(r(4, 5, 6), *pf()[1:], 1)", PF + r"fs_t must have 4 dimensions, got shape \(4, 5, 6\)"),
+    ("pf_fs_t_int", "P.pairwise_frames_loss(ints(2, 4, 5, 6), *pf()[1:], 1)", PF + "fs_t " + FLOAT + "int64"),
+    ("pf_fs_k_small", "P.pairwise_frames_loss(r(2, 4, 50, 60), r(2, 4, 5, 6), r(2, 3, 50, 60), r(2, 3, 50, 60), 1)",
+     PF + r"fs_k must have the shape of fs_t \(2, 4, 50, 60\), got \(2, 4, 5, 6\)"),
+    ("pf_ft_t_3d", "P.pairwise_frames_loss(*pf()[:2], r(3, 5, 6), pf()[3], 1)", PF + r"ft_t must have 4 dimensions"),
+    ("pf_ft_t_spatial", "P.pairwise_frames_loss(*pf()[:2], r(2, 3, 5, 4), r(2, 3, 5, 4), 1)", PF + PF_SIZES),
+    ("pf_ft_t_batch", "P.pairwise_frames_loss(*pf()[:2], r(1, 3, 5, 6), r(1, 3, 5, 6), 1)", PF + PF_SIZES),
+    ("pf_ft_k_small", "P.pairwise_frames_loss(*pf()[:3], r(2, 3, 1, 1), 1)",
+     PF + r"ft_k must have the shape of ft_t \(2, 3, 5, 6\), got \(2, 3, 1, 1\)"),
+    ("pf_ft_k_channels", "P.pairwise_frames_loss(*pf()[:3], r(2, 4, 5, 6), 1)", PF + r"ft_k must have the shape of ft_t"),
+    ("pf_fs_k_dtype", "P.pairwise_frames_loss(pf()[0], pf()[1].float(), *pf()[2:], 1)",
+     PF + r"fs_k must have the same dtype as fs_t \(torch.float64\), got torch.float32"),
+    ("pf_ft_k_dtype", "P.pairwise_frames_loss(*pf()[:3], pf()[3].half(), 1)",
+     PF + r"ft_k must have the same dtype as fs_t \(torch.float64\), got torch.float16"),
+    ("pfb_valid", "P.pairwise_frames_loss_backward(g0(), *pf(), 2)", None),
+    ("pfb_grad_shape", "P.pairwise_frames_loss_backward(torch.ones(2, dtype=f64), *pf(), 1)",
+     PFB + r"grad must have one element \(the loss is a scalar\), got shape \(2,\)"),
+    ("pfb_grad_int", "P.pairwise_frames_loss_backward(torch.tensor(1), *pf(), 1)", PFB + "grad " + FLOAT + "int64"),
+    ("pfb_fs_k_small", "P.pairwise_frames_loss_backward(g0(), r(2, 4, 50, 60), r(2, 4, 5, 6), r(2, 3, 50, 60),"
+     " r(2, 3, 50, 60), 1)", PFB + r"fs_k must have the shape of fs_t"),
+    ("pff_valid", "P.pairwise_frames_loss_for_backward(*pf(), 2)", None),
+    ("pff_patch_zero", "P.pairwise_frames_loss_for_backward(*pf(), 0)", PFF + r"patch must be >= 1, got 0"),
+    ("pff_ft_t_spatial", "P.pairwise_frames_loss_for_backward(*pf()[:2], r(2, 3, 5, 4), r(2, 3, 5, 4), 1)", PFF + PF_SIZES),
+    ("pfs_valid", "P.pairwise_frames_loss_saved_backward(g0(), *pf(), *pf_saved(), 2)", None),
+    ("pfs_valid_float32", "P.pairwise_frames_loss_saved_backward(g0(), *pf(dtype=torch.float32),"
+     " *pf_saved(dtype=torch.float32), 2)", None),
+    ("pfs_valid_empty_map", "P.pairwise_frames_loss_saved_backward(g0(), *pf(h=0), *pf_saved(h=0), 2)", None),
+    ("pfs_valid_strided_saved", "P.pairwise_frames_loss_saved_backward(g0(), *pf(),"
+     " *pf_saved(i=2, t=lambda s: s.transpose(1, 2).contiguous().transpose(1, 2)), 2)", None),
+    ("pfs_grad_shape", "P.pairwise_frames_loss_saved_backward(torch.ones(3, dtype=f64), *pf(), *pf_saved(), 2)",
+     PFS + r"grad must have one element \(the loss is a scalar\), got shape \(3,\)"),
+    ("pfs_s_hat_one_frame", "P.pairwise_frames_loss_saved_backward(g0(), *pf(), *pf_saved(i=0, t=lambda s: s[:2]), 2)",
+     PFS + r"s_hat must have shape \(4, 9, 4\) \(\(2B, N, Cs\): N nodes of fs_t and fs_k\), got \(2, 9, 4\)"),
+    ("pfs_s_hat_other_patch", "P.pairwise_frames_loss_saved_backward(g0(), *pf(), *pf_saved(1), 2)",
+     PFS + r"s_hat must have shape \(4, 9, 4\)"),
+    ("pfs_s_inv_float32", "P.pairwise_frames_loss_saved_backward(g0(), *pf(), *pf_saved(i=1, t=lambda s: s.float()), 2)",
+     PFS + r"s_inv must be a float64 tensor \(the forward's\), got torch.float32"),
+    ("pfs_t_hat_channels", "P.pairwise_frames_loss_saved_backward(g0(), *pf(), *pf_saved(i=2, t=lambda s: s[..., :2]), 2)",
+     PFS + r"t_hat must have shape \(4, 9, 3\) \(\(2B, N, Ct\)\), got \(4, 9, 2\)"),
+    ("pfs_t_inv_2d", "P.pairwise_frames_loss_saved_backward(g0(), *pf(), *pf_saved(i=3, t=lambda s: s[..., 0]), 2)",
+     PFS + r"t_inv must have shape \(4, 9, 1\) \(\(2B, N, 1\)\), got \(4, 9\)"),
+    ("pfs_pd_float64_for_float32", "P.pairwise_frames_loss_saved_backward(g0(), *pf(dtype=torch.float32),"
+     " *pf_saved(dtype=torch.float32, i=4, t=lambda s: s.double()), 2)",
+     PFS + r"pd must be a float32 tensor \(the forward's\), got torch.float64"),
+    ("pfs_pd_small", "P.pairwise_frames_loss_saved_backward(g0(), *pf(), *pf_saved(i=4, t=lambda s: s[:, :1]), 2)",
+     PFS + r"pd must have shape \(4, 9, 8\) \(\(2B, N, 2 max\(Cs, Ct\)\)\), got \(4, 1, 8\)"),
+    ("pfs_coef_columns", "P.pairwise_frames_loss_saved_backward(g0(), *pf(), *pf_saved(i=5, t=lambda s: s[..., :-1]), 2)",
+     PFS + r"coef must have shape \(4, 8, 7\) \(\(2B, 2 max\(Cs, Ct\), Cs \+ Ct\)\), got \(4, 8, 6\)"),
+    ("pfs_ft_k_dtype", "P.pairwise_frames_loss_saved_backward(g0(), *pf()[:3], pf()[3].float(), *pf_saved(), 2)",
+     PFS + r"ft_k must have the same dtype as fs_t \(torch.float64\), got torch.float32"),
 ]
 IDS = [c[0] for c in CASES]
 BAD = [c for c in CASES if c[2] is not None]

@@ -23,7 +23,8 @@ the room spans ``[0, X] x [0, Y] x [0, Z]``.
 Modules: :mod:`.scenes` draws a :class:`SceneSpec` (the random draws, in order),
 :mod:`.primitives` intersects and textures the solids, :mod:`.rendering` ray-casts a scene into a
 sample, :mod:`.materials` names every colour, texture and shading constant, :mod:`.dataset` holds
-the data set and its cache.
+the data set and its cache, :mod:`.annotations` the edge and key-point targets, :mod:`.motion` and
+:mod:`.clips` the video clips with exact flow.
 """
 from .dataset import DEFAULT_SIZES, SyntheticScenes
 from .materials import IMAGE_NOISE_STD
@@ -46,9 +47,14 @@ from .rendering import (
     render,
 )
 from .scenes import SceneSpec, sample_scene
+from .clips import CLIP_KEYS, DEFAULT_CLIP_SIZES, SyntheticClips
+from .motion import Trajectory, draw_trajectory, exact_flow
+from .annotations import KEYPOINT_SIGMA, TARGETS as ANNOTATION_TARGETS, edge_map, keypoint_heatmap, keypoints_2d
 
 __all__ = [
     "BOX", "CEILING", "CLASS_NAMES", "CYLINDER", "DEFAULT_SIZES", "FLOOR", "HFOV_DEGREES", "IMAGE_NOISE_STD",
     "MAX_DEPTH", "MAX_INCIDENCE_DEGREES", "SPHERE", "TABLE", "WALL", "Primitive", "SceneSpec", "SyntheticScenes",
     "intrinsics_for", "render", "sample_scene",
 ]
+__all__ += ["CLIP_KEYS", "DEFAULT_CLIP_SIZES", "SyntheticClips", "Trajectory", "draw_trajectory", "exact_flow"]
+__all__ += ["ANNOTATION_TARGETS", "KEYPOINT_SIGMA", "edge_map", "keypoint_heatmap", "keypoints_2d"]

@@ -24,6 +24,7 @@ from .._common import (
     check_resolution,
     check_transform,
 )
+from .annotations import TARGETS, annotate
 from .primitives import CLASS_NAMES
 from .rendering import MAX_DEPTH, intrinsics_for, render
 from .scenes import SceneSpec, sample_scene
@@ -34,6 +35,8 @@ _SPLIT_ALIASES = {"unlabeled": "unlabelled"}
 DEFAULT_SIZES = {"train": 1000, "unlabelled": 5000, "test": 200}
 # Bump whenever rendering changes: it is part of the cache key.
 _RENDER_VERSION = 1
+# Bump whenever annotations.py changes: part of the cache key of samples with extra targets only.
+_ANNOTATION_VERSION = 1
 #: ``"format"`` in the metadata of a cache file.
 _CACHE_FORMAT = "pyamalgam-synthetic-sample"
 #: What reading a torn, foreign or unreadable cache file may raise (it is then rendered again).
@@ -57,6 +60,9 @@ class SyntheticScenes(Dataset):
             per sample, written atomically, keyed by render version, split, seed and resolution;
             a torn or unreadable file is rendered again).
         transform: optional callable applied to each sample dict.
+        targets: extra targets to add to each sample, a subset of ``("edges", "keypoints")``
+            (:mod:`.annotations`); default none. They are computed from the scene's geometry
+            with no random draw, so the other keys are bit-identical with or without them.
 
     Each sample is a dict of tensors (the contract shared by :mod:`pyamalgam.data`):
 
@@ -69,7 +75,11 @@ class SyntheticScenes(Dataset):
       z forward), facing the camera, zeros where invalid;
     * ``"mask"``: bool (H, W), True where depth and normal are valid. Invalid pixels mimic a depth
       sensor: z-depth beyond :data:`MAX_DEPTH`, incidence beyond :data:`MAX_INCIDENCE_DEGREES`,
-      and random elliptical dropout blobs.
+      and random elliptical dropout blobs;
+    * with ``targets``: ``"edges"``, float32 (H, W) in {0, 1}, occlusion and semantic boundaries;
+      ``"keypoints"``, float32 (H, W) in [0, 1], a Gaussian heat-map of the visible corners of
+      boxes, tables and the room (exact definitions in :mod:`.annotations` and docs/data.md).
+      They have no invalid pixels.
 
     Example::
 
@@ -88,7 +98,7 @@ class SyntheticScenes(Dataset):
     def __init__(self, split: str = "train", size: int | None = None,
                  resolution: int | tuple[int, int] = (240, 320), seed: int = 0,
                  cache_dir: str | os.PathLike | None = None,
-                 transform: Callable[[Sample], Sample] | None = None) -> None:
+                 transform: Callable[[Sample], Sample] | None = None, targets=()) -> None:
         split = _SPLIT_ALIASES.get(split, split) if isinstance(split, str) else split
         self.split = check_choice("split", split, tuple(_SPLIT_STREAMS))
         self.size = DEFAULT_SIZES[self.split] if size is None else check_int("size", size, minimum=0)
@@ -104,6 +114,8 @@ class SyntheticScenes(Dataset):
             if cache_dir.exists() and not cache_dir.is_dir():
                 raise NotADirectoryError(f"cache_dir {str(cache_dir)!r} exists and is not a directory")
         self.cache_dir = cache_dir
+        self.targets = _check_targets(targets)
+        self.tasks = type(self).tasks + self.targets
 
     def __len__(self) -> int:
         return self.size
@@ -111,7 +123,8 @@ class SyntheticScenes(Dataset):
     def __repr__(self) -> str:
         h, w = self.resolution
         return (f"SyntheticScenes(split={self.split!r}, size={self.size}, resolution=({h}, {w}), "
-                f"seed={self.seed}, cache_dir={None if self.cache_dir is None else str(self.cache_dir)!r})")
+                f"seed={self.seed}, cache_dir={None if self.cache_dir is None else str(self.cache_dir)!r}"
+                + (f", targets={self.targets!r})" if self.targets else ")"))
 
     @property
     def intrinsics(self) -> torch.Tensor:
@@ -130,7 +143,11 @@ class SyntheticScenes(Dataset):
 
     def _render(self, index: int) -> Sample:
         scene_rng, noise_rng = self._streams(index)
-        return render(sample_scene(scene_rng), self.resolution, noise_rng)
+        scene = sample_scene(scene_rng)
+        sample = render(scene, self.resolution, noise_rng)
+        if self.targets:  # no random draw: the keys above are the same with or without them
+            sample.update((k, torch.from_numpy(v)) for k, v in annotate(scene, self.resolution, self.targets).items())
+        return sample
 
     def __getitem__(self, index) -> Sample:
         i = check_index(index, self.size, "SyntheticScenes")
@@ -140,7 +157,9 @@ class SyntheticScenes(Dataset):
     # ------------------------------------------------------------------------------ cache
     def _cache_path(self, index: int) -> Path:
         h, w = self.resolution
-        return (self.cache_dir / f"v{_RENDER_VERSION}-{self.split}-seed{self.seed}-{h}x{w}"
+        # samples with extra targets live in their own folder, so the plain samples' caches stay valid
+        extra = f"-a{_ANNOTATION_VERSION}-{'+'.join(self.targets)}" if self.targets else ""
+        return (self.cache_dir / f"v{_RENDER_VERSION}-{self.split}-seed{self.seed}-{h}x{w}{extra}"
                 / f"{index:08d}.safetensors")
 
     def _cached(self, index: int) -> Sample:
@@ -171,8 +190,19 @@ class SyntheticScenes(Dataset):
         h, w = self.resolution
         expected = {"image": (torch.float32, (3, h, w)), "seg": (torch.int64, (h, w)),
                     "depth": (torch.float32, (h, w)), "normal": (torch.float32, (3, h, w)),
-                    "mask": (torch.bool, (h, w))}
-        if set(tensors) != set(SAMPLE_KEYS) or any(
-                (tensors[k].dtype, tuple(tensors[k].shape)) != expected[k] for k in SAMPLE_KEYS):
+                    "mask": (torch.bool, (h, w)), **{k: (torch.float32, (h, w)) for k in self.targets}}
+        keys = SAMPLE_KEYS + self.targets
+        if set(tensors) != set(keys) or any(
+                (tensors[k].dtype, tuple(tensors[k].shape)) != expected[k] for k in keys):
             return None
-        return {k: tensors[k] for k in SAMPLE_KEYS}
+        return {k: tensors[k] for k in keys}
+
+
+def _check_targets(targets) -> tuple[str, ...]:
+    """``targets`` as a tuple in the canonical order of :data:`~.annotations.TARGETS`."""
+    if isinstance(targets, str) or not isinstance(targets, (tuple, list)):
+        raise TypeError(f"targets must be a tuple of names from {list(TARGETS)}, got {targets!r}")
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown or len(set(targets)) != len(targets):
+        raise ValueError(f"targets must be distinct names from {list(TARGETS)}, got {tuple(targets)!r}")
+    return tuple(t for t in TARGETS if t in targets)

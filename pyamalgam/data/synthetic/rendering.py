@@ -41,8 +41,15 @@ def intrinsics_for(resolution: tuple[int, int]) -> np.ndarray:
     return np.array([[f, 0.0, w / 2.0], [0.0, f, h / 2.0], [0.0, 0.0, 1.0]])
 
 
-def render(scene: SceneSpec, resolution: tuple[int, int], noise_rng: np.random.Generator) -> Sample:
-    """Ray-cast ``scene`` at ``resolution``; returns the sample dict (see :class:`SyntheticScenes`)."""
+def render(scene: SceneSpec, resolution: tuple[int, int], noise_rng: np.random.Generator, *,
+           geometry: dict | None = None) -> Sample:
+    """Ray-cast ``scene`` at ``resolution``; returns the sample dict (see :class:`SyntheticScenes`).
+
+    ``geometry``: optional dict, filled (for :mod:`.motion`'s exact flow) with the float64 ray
+    geometry of every pixel, flat in row-major pixel order, valid or not: ``"d"`` (3, N) world ray
+    directions scaled to camera z = 1, ``"t"`` (N,) z-depth of the hit, ``"point"`` (3, N) world
+    hit points, ``"normal"`` (3, N) world normals facing the camera, ``"label"`` (N,) class ids.
+    """
     h, w = resolution
     k = intrinsics_for(resolution)
     d = _camera_rays(scene, k, resolution)  # world directions; t along d is the z-depth
@@ -50,6 +57,8 @@ def render(scene: SceneSpec, resolution: tuple[int, int], noise_rng: np.random.G
     t, which = _trace_furniture(scene, d, t, k, resolution)
     p = scene.camera_position[:, None] + t * d
     normal, label, albedo = _surfaces(scene, p, d, axis, which)
+    if geometry is not None:
+        geometry.update(d=d, t=t, point=p, normal=normal, label=label)
     radiance = _shade(scene, p, normal)
     image = _expose(albedo * radiance, resolution, noise_rng)
     valid = _valid_pixels(scene, t, normal, d, resolution)
