@@ -148,7 +148,7 @@ _CH = Int(1, MAX_CHANNELS)
 _BLOCK_NO = Int(1, MAX_BLOCKS)
 _NAME = Str(max_len=200)
 _DECODER = Str(("unpool", "concat"))
-_TASK = Record({"type": Str(("segmentation", "depth", "normal")), "name": _NAME}, extra=None)
+_TASK = Record({"type": Str(("segmentation", "depth", "normal", "edges", "keypoints")), "name": _NAME}, extra=None)
 _SPECS = {
     "vgg_encoder": {"level": _BLOCK_NO, "in_channels": _CH, "out_channels": _CH, "convs": Int(1, 64), "decoder": _DECODER},
     "vgg_decoder": {"level": _BLOCK_NO, "channels": _CH, "out_channels": _CH, "convs": Int(1, 64), "decoder": _DECODER,
@@ -156,6 +156,8 @@ _SPECS = {
     "segmentation": {"in_channels": _CH, "num_classes": Int(2, 100_000)},
     "depth": {"in_channels": _CH, "num_bins": Int(2, 100_000), "bin_size": Num(positive=True)},
     "normal": {"in_channels": _CH},
+    "edges": {"in_channels": _CH},
+    "keypoints": {"in_channels": _CH},
     "channel_coding": {"channels": _CH, "hidden": _CH},
 }
 
@@ -171,7 +173,7 @@ def _typed(kinds):
 
 
 _BLOCK = _typed(("vgg_encoder", "vgg_decoder"))
-_HEAD = _typed(("segmentation", "depth", "normal"))
+_HEAD = _typed(("segmentation", "depth", "normal", "edges", "keypoints"))
 _CODING = _typed(("channel_coding",))
 _BLOCKS = MapOf(Str(max_len=4), _BLOCK, max_len=MAX_BLOCKS)
 _NETWORK = {

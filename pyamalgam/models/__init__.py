@@ -3,7 +3,7 @@
 :class:`SequentialBlockNet`, reference VGG encoder-decoders and task heads."""
 import warnings
 
-from .heads import DepthHead, NormalHead, SegmentationHead
+from .heads import DepthHead, EdgeHead, KeypointHead, NormalHead, SegmentationHead
 from .protocol import (BlockNetwork, BlockTrunk, Side, block_shapes, check_input, count_parameters, missing_members,
                        protocol_gap)
 from .sequential import SequentialBlockNet
@@ -27,6 +27,8 @@ __all__ = [
     "unet_vgg",
     "SegmentationHead",
     "DepthHead",
+    "EdgeHead",
+    "KeypointHead",
     "NormalHead",
     "from_smp",
     "SMPBlockNet",

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..ops import soft_argmax_depth
 
-__all__ = ["SegmentationHead", "DepthHead", "NormalHead"]
+__all__ = ["SegmentationHead", "DepthHead", "NormalHead", "EdgeHead", "KeypointHead"]
 
 
 class SegmentationHead(nn.Module):
@@ -59,3 +59,28 @@ class NormalHead(nn.Module):
 
     def forward(self, x):
         return F.normalize(self.conv(x).float(), dim=1, eps=1e-6)
+
+
+class EdgeHead(nn.Module):
+    """Edge probabilities (B, H, W) in [0, 1]: a 3x3 convolution to one channel and a sigmoid
+    (HED's side outputs), for :func:`pyamalgam.losses.edge_loss`. Seed 002 describes no head;
+    this mirrors the other one-convolution heads."""
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 1, 3, padding=1)
+
+    def forward(self, x):
+        return torch.sigmoid(self.conv(x).float()).squeeze(1)
+
+
+class KeypointHead(nn.Module):
+    """A key-point heat-map (B, H, W): a 3x3 convolution to one channel, linear (unbounded, as
+    heat-map regression usually is), for :func:`pyamalgam.losses.keypoint_loss` (MSE)."""
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 1, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x).float().squeeze(1)

@@ -12,7 +12,7 @@ tree of plain nodes, each read off the modules themselves:
   branch point p, the channel coding's sizes and the teacher's tail p+1..N (itself a node, so the
   branch of a TargetNet-2 teaching TargetNet-3 by Eq. 9 nests a ``"target_net"``).
 
-Blocks are :class:`EncoderBlock` / :class:`DecoderBlock`, heads the three of :mod:`.heads`, codings
+Blocks are :class:`EncoderBlock` / :class:`DecoderBlock`, heads the five of :mod:`.heads`, codings
 :class:`~pyamalgam.nn.ChannelCoding`. Every block, head and coding is rebuilt from its node on the
 meta device while it is described and must come out with the same ``repr`` (layer types, sizes,
 BatchNorm settings), so a module the node cannot reproduce is refused at save time, never a file
@@ -36,9 +36,9 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .._io import atomic_write
-from ..losses import DepthTask, NormalTask, SegmentationTask, get_task
+from ..losses import DepthTask, EdgeTask, KeypointTask, NormalTask, SegmentationTask, get_task
 from ..nn import ChannelCoding
-from .heads import DepthHead, NormalHead, SegmentationHead
+from .heads import DepthHead, EdgeHead, KeypointHead, NormalHead, SegmentationHead
 from .sequential import SequentialBlockNet, _HeadOnly
 from .vgg import DecoderBlock, EncoderBlock, VGGEncoderDecoder
 
@@ -63,7 +63,8 @@ FORMAT = "pyamalgam-model"
 FORMAT_VERSION = 1
 #: The safetensors header's ``__metadata__`` entry that holds the JSON record.
 META_KEY = "pyamalgam-model"
-_TASKS = {"segmentation": SegmentationTask, "depth": DepthTask, "normal": NormalTask}
+_TASKS = {"segmentation": SegmentationTask, "depth": DepthTask, "normal": NormalTask, "edges": EdgeTask,
+          "keypoints": KeypointTask}
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -182,8 +183,11 @@ def _describe_head(head: nn.Module) -> dict:
                 "bin_size": float(head.bin_size)}
     elif type(head) is NormalHead:
         node = {"type": "normal", "in_channels": head.conv.in_channels}
+    elif type(head) in (EdgeHead, KeypointHead):
+        node = {"type": "edges" if type(head) is EdgeHead else "keypoints", "in_channels": head.conv.in_channels}
     else:
-        raise ValueError(f"cannot describe the head, a {type(head).__name__}: only SegmentationHead, DepthHead, NormalHead")
+        raise ValueError(f"cannot describe the head, a {type(head).__name__}: only SegmentationHead, DepthHead, NormalHead, "
+                         f"EdgeHead, KeypointHead")
     return _checked(head, node, "the head")
 
 
@@ -198,7 +202,8 @@ def _describe_task(task) -> dict:
     for kind, cls in _TASKS.items():
         if type(task) is cls:
             return {"type": kind, "name": task.name}
-    raise ValueError(f"cannot describe the task {task!r}: only segmentation, depth and normal tasks (a loss callable "
+    raise ValueError(f"cannot describe the task {task!r}: only segmentation, depth, normal, edges and keypoints tasks "
+                     f"(a loss callable "
                      f"is code, which a model file does not hold)")
 
 
@@ -238,6 +243,10 @@ def build_head(node: Mapping) -> nn.Module:
         return head
     if node["type"] == "normal":
         return NormalHead(node["in_channels"])
+    if node["type"] == "edges":
+        return EdgeHead(node["in_channels"])
+    if node["type"] == "keypoints":
+        return KeypointHead(node["in_channels"])
     raise ValueError(f"unknown head type {node['type']!r}")
 
 
@@ -278,9 +287,10 @@ def build_network(node: Mapping, build_other: Callable[[Mapping], nn.Module] | N
     return build_other(node)
 
 
-_MODEL_TASK = {"segmentation": "segmentation", "depth": "depth", "normal": "normals"}
+_MODEL_TASK = {"segmentation": "segmentation", "depth": "depth", "normal": "normals", "edges": "edges",
+               "keypoints": "keypoints"}
 _BUILDERS = {"vgg_encoder": build_block, "vgg_decoder": build_block, "segmentation": build_head, "depth": build_head,
-             "normal": build_head, "channel_coding": build_coding}
+             "normal": build_head, "edges": build_head, "keypoints": build_head, "channel_coding": build_coding}
 
 
 # ------------------------------------------------------------------------------------ helpers

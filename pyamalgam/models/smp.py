@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import DepthTask, NormalTask, SegmentationTask, get_task
+from ..losses import DepthTask, EdgeTask, KeypointTask, NormalTask, SegmentationTask, get_task
 from ..ops import soft_argmax_depth
 from .sequential import SequentialBlockNet
 
@@ -84,6 +84,9 @@ def from_smp(model: nn.Module, task="segmentation", *, name: str | None = None, 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a segmentation_models_pytorch model (an nn.Module), got {type(model).__name__}")
     task = get_task(task, name)
+    if isinstance(task, (EdgeTask, KeypointTask)):  # (B, H, W) maps in [0, 1]: SMPHead would pass raw logits
+        raise ValueError(f"task: from_smp does not wrap {type(task).__name__} teachers yet (their heads predict a "
+                         f"squashed single-channel map, which SMPHead does not form)")
     _check_heads(model)
     encoder = model.encoder
     depth = int(encoder._depth)

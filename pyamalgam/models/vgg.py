@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import DepthTask, NormalTask, SegmentationTask, get_task
-from .heads import DepthHead, NormalHead, SegmentationHead
+from ..losses import DepthTask, EdgeTask, KeypointTask, NormalTask, SegmentationTask, get_task
+from .heads import DepthHead, EdgeHead, KeypointHead, NormalHead, SegmentationHead
 from .sequential import SequentialBlockNet
 
 __all__ = ["segnet_vgg", "unet_vgg", "VGGEncoderDecoder", "EncoderBlock", "DecoderBlock"]
@@ -60,8 +60,8 @@ class VGGEncoderDecoder(SequentialBlockNet):
     """VGG encoder-decoder teacher with a task head: a chain of blocks (:class:`SequentialBlockNet`).
 
     Args:
-        task: "segmentation", "depth", "normals", or a :class:`pyamalgam.losses.Task` (then
-            ``head`` must be given).
+        task: "segmentation", "depth", "normals", "edges", "keypoints", or another
+            :class:`pyamalgam.losses.Task` (then ``head`` must be given).
         width: channel multiplier (channels are rounded, at least 1).
         depth: pooling stages (1..5); blocks N = 2 * depth.
         decoder: "unpool" (SegNet, pooling indices) or "concat" (U-Net, skip features).
@@ -70,7 +70,7 @@ class VGGEncoderDecoder(SequentialBlockNet):
         in_chans: input channels.
         channels, convs: per-level widths and conv counts (VGG16 by default).
         head: a custom head module (replaces the one implied by ``task``).
-        name: output name of the task (defaults "seg", "depth", "normal").
+        name: output name of the task (defaults "seg", "depth", "normal", "edges", "keypoints").
     """
 
     def __init__(
@@ -105,7 +105,8 @@ class VGGEncoderDecoder(SequentialBlockNet):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """Kaiming-normal convolutions, unit BatchNorm (VGG / SegNet practice)."""
+        """Kaiming-normal convolutions, unit BatchNorm (VGG / SegNet practice); the one-channel edge
+        and key-point heads start small (see below)."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -113,6 +114,11 @@ class VGGEncoderDecoder(SequentialBlockNet):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if isinstance(self.head, (EdgeHead, KeypointHead)):
+            # one output channel after Kaiming fan-out (std sqrt(2/9)) starts at |outputs| ~ 4: a
+            # saturated sigmoid, a heat-map far from its mostly-zero target. Start near p = 0.5 / 0.
+            nn.init.normal_(self.head.conv.weight, std=1e-3)
+            nn.init.zeros_(self.head.conv.bias)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()  # also resets BatchNorm running statistics
@@ -197,6 +203,10 @@ def _default_head(task, channels, num_classes, num_bins, max_depth):
         return DepthHead(channels, num_bins, max_depth)
     if isinstance(task, NormalTask):
         return NormalHead(channels)
+    if isinstance(task, EdgeTask):
+        return EdgeHead(channels)
+    if isinstance(task, KeypointTask):
+        return KeypointHead(channels)
     raise ValueError(f"task {task!r} has no default head; pass head=")
 
 

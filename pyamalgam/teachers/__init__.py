@@ -6,7 +6,10 @@ trained on a labelled data set with the task's loss:
 * ``"seg"``: Eq. 1, pixel-wise cross-entropy (the ``lambda R(theta)`` term is weight decay);
 * ``"depth"``: Eq. 3, the scale-invariant loss (:func:`pyamalgam.ops.si_depth_loss`) on the
   depth decoded by Eq. 2 (soft-argmax over ``num_bins`` bins, :class:`~pyamalgam.models.DepthHead`);
-* ``"normal"``: Eq. 4, the negative mean cosine between predicted and true unit normals.
+* ``"normal"``: Eq. 4, the negative mean cosine between predicted and true unit normals;
+* ``"edges"``, ``"keypoints"`` (seed 002's two further tasks, on ``SyntheticScenes(...,
+  targets=...)``): the class-balanced BCE of :func:`~pyamalgam.losses.edge_loss` and the MSE of
+  :func:`~pyamalgam.losses.keypoint_loss`, over every pixel (these targets have no invalid pixel).
 
 Depth and normal losses are taken over the valid pixels of the sample's ``"mask"``; segmentation
 skips ``ignore_index``. A checkpoint is two files written atomically: ``PATH.safetensors`` (the
@@ -58,7 +61,7 @@ from ..engine.schema import (
     read_json,
     validate,
 )
-from ..losses import depth_loss, normal_loss, segmentation_loss
+from ..losses import depth_loss, edge_loss, keypoint_loss, normal_loss, segmentation_loss
 from ..models import VGGEncoderDecoder, count_parameters
 
 __all__ = [
@@ -70,6 +73,7 @@ __all__ = [
     "TeacherRecord",
     "build_teacher",
     "canonical_task",
+    "evaluate_teacher",
     "check_output_folder",
     "load_teacher",
     "open_dataset",
@@ -82,11 +86,13 @@ __all__ = [
 ]
 
 #: Canonical task names (the output names teachers use) and the aliases accepted for them.
-TASKS = ("seg", "depth", "normal")
+TASKS = ("seg", "depth", "normal", "edges", "keypoints")
 _ALIASES = {"seg": "seg", "segmentation": "seg", "parsing": "seg",
             "depth": "depth",
-            "normal": "normal", "normals": "normal", "surface_normals": "normal"}
-_MODEL_TASK = {"seg": "segmentation", "depth": "depth", "normal": "normals"}
+            "normal": "normal", "normals": "normal", "surface_normals": "normal",
+            "edges": "edges", "edge": "edges",
+            "keypoints": "keypoints", "keypoint": "keypoints", "key_points": "keypoints"}
+_MODEL_TASK = {"seg": "segmentation", "depth": "depth", "normal": "normals", "edges": "edges", "keypoints": "keypoints"}
 FORMAT = "pyamalgam-teacher"
 FORMAT_VERSION = 1
 #: Top-level keys of the JSON sidecar that are not :attr:`TeacherRecord.extra`.
@@ -135,7 +141,7 @@ class TeacherRecord:
 
     @property
     def task(self) -> str:
-        """``"seg"``, ``"depth"`` or ``"normal"``."""
+        """``"seg"``, ``"depth"``, ``"normal"``, ``"edges"`` or ``"keypoints"``."""
         return self.config["task"]
 
     def to_json(self, weights_name: str) -> dict[str, Any]:
@@ -162,7 +168,7 @@ class Teacher(NamedTuple):
 
 
 def canonical_task(task: str) -> str:
-    """``"seg"``, ``"depth"`` or ``"normal"`` for a task name or alias; a clear error otherwise."""
+    """The canonical name (one of :data:`TASKS`) of a task name or alias; a clear error otherwise."""
     if not isinstance(task, str) or task.lower() not in _ALIASES:
         raise ValueError(f"unknown teacher task {task!r}; expected one of {list(TASKS)} "
                          f"(aliases: {sorted(set(_ALIASES) - set(TASKS))})")
@@ -179,10 +185,15 @@ def build_teacher(task: str, *, width: float = 1.0, depth: int = 5, decoder: str
 
 def teacher_loss(task: str, prediction: torch.Tensor, batch: Mapping[str, torch.Tensor],
                  ignore_index: int = 255) -> torch.Tensor:
-    """The supervised loss of a teacher's prediction against a labelled batch (Eq. 1, 3 or 4)."""
+    """The supervised loss of a teacher's prediction against a labelled batch (Eq. 1, 3 or 4; the
+    edge and key-point losses of :mod:`pyamalgam.losses` on the sample keys of the same names)."""
     task = canonical_task(task)
     if task == "seg":
         return segmentation_loss(prediction, batch["seg"], ignore_index=ignore_index)
+    if task == "edges":
+        return edge_loss(prediction, batch["edges"])
+    if task == "keypoints":
+        return keypoint_loss(prediction, batch["keypoints"])
     mask = batch["mask"]
     if task == "depth":
         mask = mask & (batch["depth"] > 0)
@@ -227,7 +238,7 @@ def train_teacher(
     """Train a reference teacher for ``task`` on a labelled ``dataset`` and optionally save it.
 
     Args:
-        task: ``"seg"``, ``"depth"`` or ``"normal"`` (aliases such as ``"segmentation"`` work).
+        task: one of :data:`TASKS` (aliases such as ``"segmentation"`` work).
         dataset: a :mod:`pyamalgam.data` data set (dict samples with ``image`` and the task's
             labels); its ``num_classes``, ``ignore_index`` and ``max_depth`` configure the head.
         steps: optimiser steps (batches); the data set is cycled.
@@ -378,6 +389,8 @@ def _sidecar_schema() -> Record:
                         if f.name not in ("config", "losses", "extra")})
     return Record({"config": config}, {"weights": Str(), "train": Nullable(train), "losses": Nullable(ListOf(Num()))})
 
+
+from .evaluate import evaluate_teacher  # noqa: E402  (uses nothing above; kept beside the command)
 
 # The train-teacher command (argument checks, data sets by name) lives in command.py; imported
 # last because it uses the names above.

@@ -28,21 +28,26 @@ def parse_resolution(text) -> tuple | None:
     return tuple(parts)
 
 
-def open_dataset(spec: str, split: str, *, resolution=None, size: int | None = None, seed: int = 0):
+def open_dataset(spec: str, split: str, *, resolution=None, size: int | None = None, seed: int = 0, targets=()):
     """A labelled data set from a spec: ``synthetic``, ``nyuv2:/path`` or ``cityscapes:/path``.
 
     ``split`` is ``"train"``, ``"unlabelled"`` or ``"test"``; the real data sets have no
     unlabelled split, so their training images stand in for it (their labels are never read
     by the amalgamation) and their validation split is the test set. ``size`` applies to the
     synthetic data only; ``resolution`` (H, W) resizes real data (default: stored size).
+    ``targets``: the synthetic data's extra targets (``"edges"``, ``"keypoints"``); the real data
+    sets have none, and asking them for one is an error.
     """
     from .. import data
 
     kind, _, root = str(spec).partition(":")
     kind = kind.lower()
     if kind == "synthetic":
-        return data.SyntheticScenes(split, size=size, resolution=resolution or (96, 128), seed=seed)
+        return data.SyntheticScenes(split, size=size, resolution=resolution or (96, 128), seed=seed,
+                                    targets=tuple(targets))
     if kind in ("nyuv2", "cityscapes"):
+        if targets:
+            raise ValueError(f"--data {kind} has no {', '.join(targets)} ground truth; those tasks need --data synthetic")
         if not root:
             raise ValueError(f"--data {kind} needs a folder: {kind}:/path/to/{kind}")
         real_split = {"train": "train", "unlabelled": "train", "test": "val"}[split]
@@ -126,7 +131,8 @@ def run_train_teacher(task: str, out, *, data: str = "synthetic", resolution=Non
         raise IsADirectoryError(f"out: {str(weights)!r} is a folder; give a checkpoint path such as "
                                 f"{str(weights / task)!r}")
     check_output_folder(weights.parent)
-    dataset = open_dataset(data, "train", resolution=resolution, size=size, seed=kwargs.get("seed", 0))
+    targets = (task,) if task in ("edges", "keypoints") else ()
+    dataset = open_dataset(data, "train", resolution=resolution, size=size, seed=kwargs.get("seed", 0), targets=targets)
     if resolution is None and not synthetic:  # the stored size: known once a sample is read
         _check_resolution(tuple(dataset[0]["image"].shape[-2:]), depth, f"stored size of {data}")
     record = train_teacher(task, dataset, out=out, data_name=str(data), **kwargs).record

@@ -137,8 +137,8 @@ def test_bad_tasks_for_the_heads_output_are_refused(smp):
         from_smp(unet(smp, classes=4), "normals")
     with pytest.raises(ValueError, match="max_depth must be > 0"):
         from_smp(unet(smp, classes=8), "depth", max_depth=0.0)
-    with pytest.raises(ValueError, match="unknown task 'edges'"):
-        from_smp(unet(smp), "edges")
+    with pytest.raises(ValueError, match="unknown task 'albedo'"):
+        from_smp(unet(smp), "albedo")
     with pytest.raises(TypeError, match="model must be a segmentation_models_pytorch model"):
         from_smp("resnet18")
 
