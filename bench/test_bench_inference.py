@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from pyamalgam import Amalgamator
+from pyamalgam._testing import torch_threads
 from pyamalgam.models import segnet_vgg
 
 FULL = {"width": 1 / 8, "depth": 5, "hw": (64, 96), "batch": 8, "points": {"seg": 8, "depth": 7, "normal": 9}}
@@ -27,10 +28,8 @@ IMPLS = ["eager", "compile", "onnxruntime"]
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

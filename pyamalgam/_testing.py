@@ -1,8 +1,10 @@
 """Helpers for pyamalgam's own tests and benchmarks."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -95,3 +97,70 @@ def state_digest(module) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int = 1):
+    """torch's CPU threads set to ``n`` inside the block, restored after: tiny networks on a shared
+    2-core machine, where thread hand-off costs more than it saves (the tests' one_thread fixtures)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------- interruption harness (resume tests)
+
+class Interrupt(Exception):
+    """What :class:`FailingAt` raises: an interruption in the middle of a run that a test catches."""
+
+
+class FailingAt:
+    """``dataset`` that raises :class:`Interrupt` when item number ``at`` (counted over the whole
+    run, every epoch and probe read included) is fetched; other attributes are the dataset's."""
+
+    def __init__(self, dataset, at: int):
+        self.dataset, self.at, self.fetched = dataset, at, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        self.fetched += 1
+        if self.fetched == self.at:
+            raise Interrupt
+        return self.dataset[i]
+
+    def __getattr__(self, name):  # num_classes, tasks...: the wrapped data set's
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def checkpoint_step(path):
+    """The step of the mid-phase checkpoint at ``path`` (None: none yet, between phases, or a file
+    being replaced; safe while the writer runs, whose os.replace swaps whole files)."""
+    from pyamalgam.engine import load_checkpoint
+
+    try:
+        return load_checkpoint(path)[1].get("step")
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def kill_9_when(proc, ready, stderr_path, what: str, timeout: float = 120.0, poll: float = 0.01) -> None:
+    """SIGKILL the child ``proc`` as soon as ``ready()`` holds (e.g. a checkpoint far enough in), and
+    always reap it; the test fails if the child exits first (showing its stderr) or if nothing is
+    ready within ``timeout`` seconds (``what`` says what was awaited)."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert proc.poll() is None, Path(stderr_path).read_text()
+            assert time.monotonic() < deadline, f"{what} after {timeout:g} s"
+            time.sleep(poll)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ._interrupts import InterruptGuard
 
-_TASKS = ("seg", "depth", "normal")
+_TASKS = ("seg", "depth", "normal", "edges", "keypoints")
 
 
 def _cmd_info(args) -> int:
@@ -261,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .deploy import export_command, predict_command  # their modules import torch only when run
     from .distill.command import add_parser as _add_distill
     _add_distill(sub)
+    from .multitask.command import add_parser as _add_mtl
+    _add_mtl(sub)
     export_command.add_parser(sub)
     predict_command.add_parser(sub)
     return parser

@@ -23,13 +23,21 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional
 
 from ._io import atomic_write
 
-__all__ = ["table1", "table2", "markdown_table", "deltas", "relative_gain", "write_report", "plot_qualitative",
-           "plot_block_losses"]
+__all__ = [
+    "deltas",
+    "markdown_table",
+    "plot_block_losses",
+    "plot_qualitative",
+    "relative_gain",
+    "table1",
+    "table2",
+    "write_report",
+]
 
 # (column header, task, metric key, decimals)
 TABLE1_COLUMNS = (
@@ -74,7 +82,7 @@ def _target_row(entry: Mapping, label: str) -> dict:
             "metrics": dict(entry["metrics"])}
 
 
-def relative_gain(value: float, reference: float, key: str) -> Optional[float]:
+def relative_gain(value: float, reference: float, key: str) -> float | None:
     """``(-1)^l (value - reference) / reference`` with l = 1 for a lower-is-better metric: the
     relative gain over the teacher (positive: closer to perfect); None where it is undefined."""
     if value is None or reference is None or not (math.isfinite(value) and math.isfinite(reference)) or reference == 0:
@@ -95,7 +103,8 @@ def deltas(row: Mapping, teacher: Mapping, columns) -> tuple:
 
 
 def table1(results: Mapping) -> list:
-    """Rows of Table 1: TeacherNet (SegNet + DepthNet), Decoder_b1..bK, the Eq. 7 TargetNet."""
+    """Rows of Table 1: TeacherNet (SegNet + DepthNet), Decoder_b1..bK, the Eq. 7 TargetNet, and
+    the Eq. 7 TargetNets trained with structured terms ("TargetNet, Eq. 7 + PI", if any)."""
     n = results["num_blocks"]
     rows = [_teacher_row(results, ("seg", "depth"))]
     targets = results["targets"]
@@ -103,6 +112,9 @@ def table1(results: Mapping) -> list:
         rows.append(_target_row(targets[key], targets[key].get("label", key[4:].capitalize())))
     eq7 = targets["tn2_eq7"]
     rows.append(_target_row(eq7, f"TargetNet, Eq. 7 ({_points_text(eq7['points'], n)})"))
+    for key, entry in targets.items():  # the Amalgamator's structured terms (issue 12), in the config's order
+        if key.startswith("tn2_eq7_"):
+            rows.append(_target_row(entry, f"{entry['label']} ({_points_text(entry['points'], n)})"))
     return rows
 
 
@@ -127,7 +139,7 @@ def _params(count: int) -> str:
     return f"{count / 1e6:.2f}M" if count >= 1e6 else f"{count / 1e3:.1f}k"
 
 
-def _percent(value: Optional[float]) -> str:
+def _percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:+.1f}%"
 
 
@@ -214,7 +226,7 @@ def _pyplot():
     return plt
 
 
-def _seg_rgb(labels, num_classes: int, ignore_index: Optional[int] = None):
+def _seg_rgb(labels, num_classes: int, ignore_index: int | None = None):
     import numpy as np
 
     plt = _pyplot()
@@ -317,7 +329,8 @@ def _loss_panel(ax, name: str, summary: Mapping) -> None:
             if p in table:
                 ax.plot([p], [table[p]], marker="*", ms=14, color=line.get_color(), markeredgecolor="k",
                         linestyle="none", label=f"{out}: branch at {p}")
-    ax.set_title(_AMALGAMATION_TITLES.get(name, name), fontsize=9)
+    structured = f"TargetNet-2 + {name[4:].replace('_', '+').upper()}" if name.startswith("tn2_") else name
+    ax.set_title(_AMALGAMATION_TITLES.get(name, structured), fontsize=9)
     ax.set_xlabel("block n")
     ax.set_ylabel("final block loss L^n (probe images)")
     if all(v > 0 for t in summary["loss_table"].values() for v in t.values()):
@@ -334,7 +347,7 @@ def _save_figure(fig, path) -> Path:
 
 # ------------------------------------------------------------------------------- writing
 
-def write_report(out, results: Mapping, samples: Optional[Mapping] = None, echo: bool = True) -> dict:
+def write_report(out, results: Mapping, samples: Mapping | None = None, echo: bool = True) -> dict:
     """Write tables (markdown + JSON), ``results.json`` and figures to ``out``; print the tables.
 
     Returns file kind -> path. ``samples`` (test images and predictions, see

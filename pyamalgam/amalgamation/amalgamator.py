@@ -5,16 +5,18 @@ Usage::
     am = Amalgamator(teachers={"seg": segnet, "depth": depthnet}, checkpoint_dir="runs/ka")
     am.fit(loader, epochs_per_block=2)      # Step 2, block by block (Eq. 6)
     am.branch_out()                          # Step 3 (Eq. 7), or points={"seg": 10, "depth": 9}
-    target = am.finetune(loader, epochs=2)   # Step 4
+    target = am.finetune(loader, epochs=2, save=True)   # Step 4; runs/ka/target_net.safetensors
     target(images)                           # {"seg": logits, "depth": metres}
+    pyamalgam.load("runs/ka/target_net.safetensors")   # the same TargetNet, from its model file
 
 Only images are read from the loader (a batch dict's ``"image"``, the first element of a tuple,
 or a tensor): the teachers' own predictions are the supervision.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,15 +26,30 @@ from .._checks import as_int, as_real
 from ..engine import Engine, NonFiniteLossError, PolyLR, TargetCache, module_device
 from ..engine.loop import batch_images
 from ..models.protocol import check_input, count_parameters
-from .blockwise import BlockStep, feature_losses, frozen_pass, prediction_losses, weighted_sum
-from .branch import as_outputs, assemble_target_net, select_branch_points, teacher_losses
+from .blockwise import BlockStep, block_loss, weighted_sum
+from .branch import (
+    as_outputs,
+    assemble_target_net,
+    select_branch_points,
+    teacher_losses,
+)
 from .checkpoints import branch_out_logged, hold_folders, resume_run, save_run
 from .connectors import connect_teachers, make_codings
 from .nonfinite import check_final_losses, explain
-from .setup import (check_choice, check_hparams, check_teachers, fixed_batches, make_student, plan_blocks,
-                    resolve_outputs, resolve_weights)
+from .setup import (
+    check_choice,
+    check_hparams,
+    check_teachers,
+    fixed_batches,
+    make_student,
+    plan_blocks,
+    resolve_outputs,
+    resolve_weights,
+)
+from .structured import parse_structured, soft_key
+from .target_file import TARGET_NAME, check_savable, save_target
 
-__all__ = ["Amalgamator", "PolyLR"]
+__all__ = ["TARGET_NAME", "Amalgamator", "PolyLR"]
 
 LOG_NAME = "amalgamation.jsonl"
 _OBJECTIVES = {"prediction": "prediction", "eq6": "prediction", "feature": "feature", "eq5": "feature"}
@@ -78,18 +95,24 @@ class Amalgamator:
             frozen, so an image's targets are the same at every block and epoch: with a cache
             each teacher predicts each image once per run instead of once per step. Worth it
             when the loader yields the same images again (no random augmentation).
+        terms: optional structured-distillation terms added to Eq. 6 / 8 / 9 and the fine-tune,
+            the Distiller's names and specs (thesis 003): ``{"pi": 10}`` (pixel-wise soft targets
+            on segmentation outputs), ``"pa"`` / ``"cwd"`` (pair-wise / channel-wise on the block
+            features), e.g. ``terms={"pi": {"weight": 1, "temperature": 2}, "pa": 10}``. None (the
+            default): the paper's objectives, unchanged. See ``structured.py`` and
+            docs/amalgamation.md.
     """
 
     def __init__(
         self,
         teachers: Mapping[str, nn.Module],
         *,
-        tasks: Optional[Mapping[str, Any]] = None,
-        weights: Optional[Mapping[str, float]] = None,
+        tasks: Mapping[str, Any] | None = None,
+        weights: Mapping[str, float] | None = None,
         objective: str = "prediction",
         init: str = "teacher",
         reduction: int = 4,
-        coding_gate: Optional[float] = 0.95,
+        coding_gate: float | None = 0.95,
         lr: float = 0.005,
         momentum: float = 0.9,
         optimizer: str = "sgd",
@@ -99,11 +122,12 @@ class Amalgamator:
         amp: bool = False,
         channels_last: bool = False,
         checkpoint_dir=None,
-        checkpoint_every: Optional[int] = None,
+        checkpoint_every: int | None = None,
         log_dir=None,
         progress: bool = True,
-        probe_size: Optional[tuple] = None,
+        probe_size: tuple | None = None,
         cache_targets: int = 0,
+        terms: Mapping[str, Any] | None = None,
     ):
         self.teachers = check_teachers(teachers)
         self.objective = check_choice("objective", objective, _OBJECTIVES)
@@ -125,6 +149,7 @@ class Amalgamator:
 
         self._outputs = resolve_outputs(self.teachers, tasks)
         self._weights, self._teacher_weights = resolve_weights(self.teachers, self._outputs, weights)
+        self.structured = parse_structured(terms, self._outputs)  # None: the paper's objectives only
         self.student = make_student(self.teachers, init)
         self.num_blocks = self.student.num_blocks
         plan = plan_blocks(self.teachers, self.student, probe_size)
@@ -137,7 +162,7 @@ class Amalgamator:
         self.loss_table: dict = {name: {} for out in self._outputs.values() for name in out}
         self.feature_table: dict = {key: {} for key in self.teachers} if self.objective == "feature" else {}
         self.completed_blocks: set = set()
-        self.branch_points: Optional[dict] = None
+        self.branch_points: dict | None = None
         self.target_net = None
         self.target_cache = TargetCache(cache_bytes) if cache_bytes else None
         hold_folders(self)  # one process per checkpoint_dir / log_dir (docs/robustness.md)
@@ -153,7 +178,7 @@ class Amalgamator:
 
     # ------------------------------------------------------------------ public API
 
-    def fit(self, loader, epochs_per_block: int = 2, *, max_steps_per_block: Optional[int] = None, resume=None,
+    def fit(self, loader, epochs_per_block: int = 2, *, max_steps_per_block: int | None = None, resume=None,
             final_loss_images: int = 64, final_loss_loader=None) -> dict:
         """Step 2: train blocks 1..N of the student and their codings, one block at a time.
 
@@ -177,7 +202,7 @@ class Amalgamator:
                 self._train_block(n, loader, total, at, probe)
         return self.loss_table
 
-    def branch_out(self, points: Optional[Mapping[str, int]] = None, *, candidates=None) -> dict:
+    def branch_out(self, points: Mapping[str, int] | None = None, *, candidates=None) -> dict:
         """Steps 3-4: choose branch points (Eq. 7) and assemble :attr:`target_net`.
 
         ``points`` forces the branch block of some or all teachers (e.g. every teacher at decoder
@@ -196,19 +221,39 @@ class Amalgamator:
             self._log({"event": "branch_out", "points": self.branch_points, "parameters": self.parameter_report()})
         return dict(self.branch_points)
 
-    def finetune(self, loader, epochs: int = 1, *, max_steps: Optional[int] = None, resume=None):
+    def finetune(self, loader, epochs: int = 1, *, max_steps: int | None = None, resume=None, save=False):
         """Step 4: fine-tune the whole TargetNet against the teachers' predictions (Eq. 6 losses).
 
         Call :meth:`branch_out` first, or pass ``resume`` with a checkpoint written during
-        fine-tuning (its branch points are then reused). Returns :attr:`target_net`.
+        fine-tuning (its branch points are then reused). ``save``: True writes the fine-tuned
+        TargetNet to ``<checkpoint_dir>/target_net.safetensors`` (:meth:`save_target`), a path
+        writes it there; whether it can be written is checked before the first step. Returns
+        :attr:`target_net`.
         """
         total = self.engine.plan(loader, epochs, max_steps, "epochs")
         pending = resume_run(self, resume, ("finetune", "done"), loader)
         if self.target_net is None:
             raise RuntimeError("finetune() needs a TargetNet: call branch_out() first")
+        path = None if save is False or save is None else check_savable(self, None if save is True else save)
         if pending is None or pending.phase != "done":
             self._train_finetune(loader, total, pending)
+        if path is not None:
+            self.save_target(path)
         return self.target_net
+
+    def save_target(self, path=None, *, resolution: tuple | None = None):
+        """Write :attr:`target_net` as one model file (``TargetNet.save``: safetensors weights and
+        the architecture as JSON, no pickle), atomically, to ``path`` (default
+        ``<checkpoint_dir>/target_net.safetensors``); ``pyamalgam.load`` and ``pyamalgam predict``
+        read it. ``resolution``: the (H, W) it was trained at, the default size of ``pyamalgam
+        export`` / ``predict``. The file's ``extra`` records the branch points, the teachers and
+        the parameter counts. Only rank 0 writes; returns the path (None on other ranks).
+
+        A TargetNet the file format cannot describe (connectors of heterogeneous teachers, smp
+        teachers, a loss callable as task) is refused with a ValueError naming the branch and
+        module, before anything is written (docs/deploy.md).
+        """
+        return save_target(self, check_savable(self, path), resolution)
 
     @torch.no_grad()
     def precompute_targets(self, loader) -> int:
@@ -279,31 +324,8 @@ class Amalgamator:
         return {k: float(v) / count for k, v in sums.items()}
 
     def _block_loss(self, n, trainable, x, eq7: bool):
-        """(loss to minimise, terms) of one block-n batch; ``eq7`` also scores the task losses
-        under Eq. 5 (Eq. 7 compares task losses whatever the objective)."""
-        feature = self.objective == "feature"
-        need_targets = not feature or eq7
-        keys, cached = self._cache_lookup(x) if need_targets else (None, None)
-        with torch.no_grad(), self.engine.autocast():
-            frozen = frozen_pass(self.student, self.teachers, self._outputs, x, n, targets=need_targets and cached is None,
-                                 features=feature)
-        if cached is not None:
-            frozen.targets = cached
-        elif keys is not None:
-            self.target_cache.put(keys, frozen.targets)
-        with self.engine.autocast():
-            projected, side = trainable(frozen.prev, frozen.side)
-            if not feature:  # Eq. 6 / 8 / 9
-                terms = prediction_losses(self.teachers, self._outputs, projected, n, side, frozen.targets)
-                return weighted_sum(terms, self._weights), terms
-            terms = feature_losses(projected, frozen.features)  # Eq. 5
-            loss = weighted_sum(terms, self._teacher_weights)
-        terms = {f"feature/{k}": v for k, v in terms.items()}
-        if eq7:
-            with torch.no_grad(), self.engine.autocast():
-                detached = {k: v.detach() for k, v in projected.items()}
-                terms.update(prediction_losses(self.teachers, self._outputs, detached, n, side, frozen.targets))
-        return loss, terms
+        """(loss to minimise, terms) of one block-n batch (:func:`.blockwise.block_loss`)."""
+        return block_loss(self, n, trainable, x, eq7)
 
     def _cache_lookup(self, x):
         """(keys, targets) of the batch from the target cache; (None, None) without a cache."""
@@ -323,7 +345,12 @@ class Amalgamator:
                 predictions = trainable(x)
             terms = {name: task.loss(predictions[name], targets[name])
                      for out in self._outputs.values() for name, task in out.items()}
-            return weighted_sum(terms, self._weights), terms
+            loss = weighted_sum(terms, self._weights)
+            if self.structured is not None:
+                extra = self.structured.finetune_terms(predictions, targets)
+                if extra:
+                    loss, terms = loss + self.structured.weighted(extra), {**terms, **extra}
+            return loss, terms
 
         run = self._run_phase("finetune", self.num_blocks + 1, target, step, loader, total, pending)
         self._log({"event": "finetune", "losses": run.losses, "steps": total, "seconds": round(run.seconds, 3),
@@ -338,6 +365,8 @@ class Amalgamator:
         for key, teacher in self.teachers.items():
             for name, p in as_outputs(key, teacher(x)).items():
                 targets[name] = self._outputs[key][name].target(p)
+                if name in self._soft:
+                    targets[soft_key(name)] = p.detach()
         if keys is not None:
             self.target_cache.put(keys, targets)
         return targets
@@ -369,9 +398,17 @@ class Amalgamator:
                                   self._weights).to(self.device)
         return net.to(memory_format=torch.channels_last) if self.channels_last else net
 
+    @property
+    def _soft(self) -> tuple:
+        """Outputs whose raw teacher logits the targets also hold (pi's soft targets)."""
+        return self.structured.soft if self.structured is not None else ()
+
     def _config(self) -> dict:
-        return {"teachers": sorted(self.teachers), "outputs": sorted(self.loss_table), "num_blocks": self.num_blocks,
-                "objective": self.objective, "optimizer": self.optimizer}
+        config = {"teachers": sorted(self.teachers), "outputs": sorted(self.loss_table), "num_blocks": self.num_blocks,
+                  "objective": self.objective, "optimizer": self.optimizer}
+        if self.structured is not None:  # only then: checkpoints of the paper's method are unchanged
+            config["terms"] = self.structured.config()
+        return config
 
     # ------------------------------------------------------------------ plumbing
 

@@ -20,16 +20,17 @@ compares.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Optional
 
 import torch
 from torch import nn
 
 from ..losses import feature_loss
 from .branch import as_outputs, code
+from .structured import soft_key
 
-__all__ = ["BlockStep", "FrozenPass", "frozen_pass", "prediction_losses", "feature_losses", "weighted_sum"]
+__all__ = ["BlockStep", "FrozenPass", "block_loss", "feature_losses", "frozen_pass", "prediction_losses", "weighted_sum"]
 
 
 class BlockStep(nn.Module):
@@ -63,16 +64,18 @@ class FrozenPass:
     prev: torch.Tensor
     side: dict
     targets: dict
-    features: Optional[dict] = None
+    features: dict | None = None
 
 
 @torch.no_grad()
 def frozen_pass(student, teachers: Mapping, outputs: Mapping, x: torch.Tensor, n: int, *,
-                targets: bool = True, features: bool = False) -> FrozenPass:
+                targets: bool = True, features: bool = False, soft=()) -> FrozenPass:
     """Run everything that does not learn at block n, once per batch.
 
-    With ``features`` (Eq. 5) each teacher runs to block n, and when ``targets`` is also asked
-    its prediction continues from those features: each teacher still runs once.
+    With ``features`` (Eq. 5, or the pair-wise terms of ``structured.py``) each teacher runs to
+    block n, and when ``targets`` is also asked its prediction continues from those features:
+    each teacher still runs once (``forward_from`` after ``forward_until`` is ``net(x)`` exactly).
+    The outputs named in ``soft`` also keep the teacher's raw prediction (pi's soft targets).
     """
     prev, side = student.forward_until(x, n - 1)
     out_targets, out_features = {}, ({} if features else None)
@@ -86,22 +89,27 @@ def frozen_pass(student, teachers: Mapping, outputs: Mapping, x: torch.Tensor, n
         if prediction is not None:
             for name, p in as_outputs(key, prediction).items():
                 out_targets[name] = outputs[key][name].target(p)
+                if name in soft:
+                    out_targets[soft_key(name)] = p.detach()
     return FrozenPass(prev, side, out_targets, out_features)
 
 
 def prediction_losses(teachers: Mapping, outputs: Mapping, projected: Mapping, n: int, side: dict,
-                      targets: Mapping) -> dict:
+                      targets: Mapping, predictions: dict | None = None) -> dict:
     """The task terms of Eq. 6 / 8 / 9, output name -> loss.
 
     Each teacher continues from block n with ``projected[key]`` in place of its own block-n
     features (and the given side information); its prediction is scored by its task's loss
     (Eq. 1, 3, 4, or the user's) against the teacher's original prediction ``targets``.
+    ``predictions``, a dict, receives those predictions (what the structured terms read).
     """
     losses = {}
     for key, teacher in teachers.items():
         prediction = teacher.forward_from(projected[key], n, side)
         for name, p in as_outputs(key, prediction).items():
             losses[name] = outputs[key][name].loss(p, targets[name])
+            if predictions is not None:
+                predictions[name] = p
     return losses
 
 
@@ -113,3 +121,38 @@ def feature_losses(projected: Mapping, features: Mapping) -> dict:
 def weighted_sum(losses: Mapping, weights: Mapping) -> torch.Tensor:
     """``sum_t lambda_t L_t`` (Eq. 5, 6, 8, 9), lambda defaulting to 1."""
     return torch.stack([weights.get(name, 1.0) * loss.float() for name, loss in losses.items()]).sum()
+
+
+def block_loss(am, n: int, trainable, x: torch.Tensor, eq7: bool):
+    """(loss to minimise, terms) of one block-n batch; ``eq7`` also scores the task losses
+    under Eq. 5 (Eq. 7 compares task losses whatever the objective)."""
+    feature = am.objective == "feature"
+    structured = None if eq7 else am.structured  # Eq. 7 compares the task losses alone
+    need_targets = not feature or eq7  # Eq. 5 runs no teacher suffix: pi waits for the fine-tune
+    keys, cached = am._cache_lookup(x) if need_targets else (None, None)
+    with torch.no_grad(), am.engine.autocast():
+        frozen = frozen_pass(am.student, am.teachers, am._outputs, x, n, targets=need_targets and cached is None,
+                             features=feature or (structured is not None and structured.features), soft=am._soft)
+    if cached is not None:
+        frozen.targets = cached
+    elif keys is not None:
+        am.target_cache.put(keys, frozen.targets)
+    with am.engine.autocast():
+        projected, side = trainable(frozen.prev, frozen.side)
+        predictions = {} if structured is not None and not feature else None
+        if not feature:  # Eq. 6 / 8 / 9
+            terms = prediction_losses(am.teachers, am._outputs, projected, n, side, frozen.targets, predictions)
+            loss = weighted_sum(terms, am._weights)
+        else:
+            terms = {f"feature/{k}": v for k, v in feature_losses(projected, frozen.features).items()}  # Eq. 5
+            loss = weighted_sum({k[8:]: v for k, v in terms.items()}, am._teacher_weights)
+        if structured is not None:  # the thesis' terms, added to the paper's objective
+            extra = structured.block_terms(projected, frozen.features, predictions or {}, frozen.targets)
+            loss, terms = loss + structured.weighted(extra), {**terms, **extra}
+    if not feature:
+        return loss, terms
+    if eq7:
+        with torch.no_grad(), am.engine.autocast():
+            detached = {k: v.detach() for k, v in projected.items()}
+            terms.update(prediction_losses(am.teachers, am._outputs, detached, n, side, frozen.targets))
+    return loss, terms

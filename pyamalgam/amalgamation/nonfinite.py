@@ -12,7 +12,7 @@ import math
 
 from ..engine import NonFiniteLossError
 
-__all__ = ["explain", "check_final_losses"]
+__all__ = ["check_final_losses", "explain"]
 
 _FEATURE = "feature/"
 
@@ -52,6 +52,9 @@ def _where(am, phase: str, n: int) -> str:
 def _describe(am, term: str, value) -> str:
     if term.startswith(_FEATURE):
         return f"the feature term of teacher {term[len(_FEATURE):]!r} = {value}"
+    if "/" in term:  # a structured term of Amalgamator(terms=...): "pi/<output>", "pa/<teacher>"
+        name, what = term.split("/", 1)
+        return f"the structured term {name!r} of {what!r} = {value}"
     teacher = next((key for key, out in am._outputs.items() if term in out), None)
     return f"output {term!r} (teacher {teacher!r}) = {value}"
 

@@ -48,6 +48,9 @@ class DemoConfig:
     num_workers: int = 0          # DataLoader workers (rendering and training)
     channels_last: bool = True    # teachers and students train in channels_last (faster on the CPU)
     data: str = "synthetic"
+    # extra Table 1 rows "TargetNet, Eq. 7 + PI"...: comma-separated term sets ("pi,pa,pi+pa"),
+    # each one more block-wise fit of TargetNet-2 with those Amalgamator terms (docs/demo.md)
+    structured_rows: str = ""
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -135,6 +138,32 @@ def _data(name, value):
     return value
 
 
+#: the Amalgamator's structured terms a Table 1 row may add (pyamalgam.amalgamation.structured)
+STRUCTURED_TERMS = ("pi", "pa", "cwd")
+
+
+def _structured_rows(name, value):
+    """A comma-separated string (or a sequence) of rows, each term names joined by '+', as the
+    canonical string: lower case, no spaces, terms in STRUCTURED_TERMS order, no repeated row."""
+    if isinstance(value, (list, tuple)):
+        value = ",".join(value) if all(isinstance(v, str) for v in value) else value
+    if not isinstance(value, str):
+        raise TypeError(f"demo config: {name} must be a string like 'pi,pa,pi+pa', got {type(value).__name__} "
+                        f"{value!r}")
+    rows = []
+    for row in filter(None, (r.strip().lower() for r in value.split(","))):
+        terms = [t.strip() for t in row.split("+")]
+        bad = [t for t in terms if t not in STRUCTURED_TERMS]
+        if bad or len(set(terms)) != len(terms):
+            raise ValueError(f"demo config: {name}: row {row!r} must join distinct terms of {list(STRUCTURED_TERMS)} "
+                             f"with '+' (e.g. 'pi,pa,pi+pa')")
+        canonical = "+".join(t for t in STRUCTURED_TERMS if t in terms)
+        if canonical in rows:
+            raise ValueError(f"demo config: {name}: row {canonical!r} is given twice")
+        rows.append(canonical)
+    return ",".join(rows)
+
+
 _RULES = {
     "resolution": _resolution, "width": _real(MAX_WIDTH), "depth": _integer(1, MAX_DEPTH),
     "num_bins": _integer(2), "train_size": _integer(1), "unlabelled_size": _integer(1), "test_size": _integer(1),
@@ -143,7 +172,7 @@ _RULES = {
     "amalgam_optimizer": _optimizer, "probe_images": _integer(1),
     "target_cache_mb": _integer(1),  # the stages precompute teacher targets: a cache is needed
     "eval_batch": _integer(1), "figure_samples": _integer(1), "num_workers": _integer(0),
-    "channels_last": _flag, "data": _data,
+    "channels_last": _flag, "data": _data, "structured_rows": _structured_rows,
 }
 
 
@@ -163,12 +192,13 @@ def demo_config(quick: bool = False, device="cpu", **overrides) -> DemoConfig:
     if gpu and quick:
         cfg = DemoConfig(resolution=(128, 160), width=1 / 4, train_size=512, unlabelled_size=1024, test_size=100,
                          batch_size=16, teacher_steps=1000, block_steps=60, finetune_steps=500, finetune_variants=True,
-                         num_workers=4, channels_last=False)
+                         num_workers=4, channels_last=False, structured_rows="pi,pa,pi+pa")
     elif gpu:
         cfg = DemoConfig(resolution=(192, 256), width=1 / 2, num_bins=64, train_size=1000, unlabelled_size=4000,
                          test_size=200, batch_size=16, teacher_steps=3000, teacher_lr=1e-3, block_steps=250,
                          finetune_steps=2000, finetune_variants=True, amalgam_lr=1e-3, eval_batch=32,
-                         figure_samples=4, num_workers=min(8, os.cpu_count() or 1), channels_last=False)
+                         figure_samples=4, num_workers=min(8, os.cpu_count() or 1), channels_last=False,
+                         structured_rows="pi,pa,pi+pa")
     elif quick:  # the README's command on a 2-core CPU: every stage, small images, few steps
         cfg = DemoConfig(resolution=(64, 64), num_bins=16, train_size=320, unlabelled_size=320, test_size=64,
                          teacher_steps=250, teacher_lr=3e-3, block_steps=40, finetune_steps=300, probe_images=16)

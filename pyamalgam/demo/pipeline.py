@@ -5,7 +5,6 @@ import copy
 import dataclasses
 import json
 import time
-from typing import Optional
 
 import torch
 
@@ -69,6 +68,28 @@ def _stage_targetnet2(teachers, keys, cfg, unlabelled, out, device, seed, clock)
     return tn2, target2, variants
 
 
+def _stage_structured(teachers, keys, cfg, unlabelled, out, device, seed, clock) -> dict:
+    """Table 1's structured rows (``cfg.structured_rows``, issue 12): TargetNet-2 again, its
+    block-wise fit and fine-tune with the Amalgamator's terms (their default weights), Eq. 7."""
+    rows = {}
+    for row in filter(None, cfg.structured_rows.split(",")):
+        am = _Amalgamation(f"tn2_{row.replace('+', '_')}", {t: teachers[t] for t in ("seg", "depth")},
+                           {"seg": ["seg"], "depth": ["depth"]}, cfg, unlabelled,
+                           [keys["seg"], keys["depth"], keys["unlabelled"]], out, device, seed, clock.progress,
+                           terms={t: {} for t in row.split("+")})
+        am.fit()
+        rows[row] = (am, am.target("eq7")[0])
+        clock.mark(f"TargetNet-2 + {row.upper()} (Eq. 6/7 with structured terms)",
+                   am.cached and am.results["eq7"]["cached"])
+    return rows
+
+
+def _save_models(out, stages) -> dict:
+    """Each final TargetNet as a model file in ``models/`` (docs/demo.md, Outputs): name -> path
+    relative to the run folder."""
+    return {name: am.save_model(net, "eq7", out / "models" / f"{name}.safetensors") for name, (am, net) in stages.items()}
+
+
 def _stage_targetnet3(teachers, keys, tn2, target2, cfg, unlabelled, out, device, seed, clock) -> dict:
     """TargetNet-3 offline (Eq. 8: the three teachers) and online (Eq. 9: TargetNet-2 + NormNet)."""
     tasks = tuple(teachers)
@@ -88,7 +109,7 @@ def _stage_targetnet3(teachers, keys, tn2, target2, cfg, unlabelled, out, device
     return {"tn3_offline": (off, net_off), "tn3_online": (on, net_on)}
 
 
-def _evaluate_all(teachers, records, tn2, target2, variants, tn3, test, cfg, device) -> dict:
+def _evaluate_all(teachers, records, tn2, target2, variants, tn3, test, cfg, device, structured=None) -> dict:
     """Test metrics of every network: the entries of Table 1 and Table 2."""
     def ev(net, tasks):
         return evaluate(net, test, tasks, device=device, batch_size=cfg.eval_batch)
@@ -108,15 +129,20 @@ def _evaluate_all(teachers, records, tn2, target2, variants, tn3, test, cfg, dev
         out["targets"][f"tn2_decoder_b{b}"] = {"label": label, "points": forced, "source": source,
                                                "finetuned": source != "step2", "params": count_parameters(net),
                                                "metrics": metrics}
+    for row, (am, net) in (structured or {}).items():
+        out["targets"][f"tn2_eq7_{row}"] = {"label": f"TargetNet, Eq. 7 + {row.upper()}", "structured": row.split("+"),
+                                            "points": am.results["eq7"]["points"], "params": count_parameters(net),
+                                            "metrics": ev(net, ("seg", "depth"))}
     for name, (am, net) in tn3.items():
         out["targets"][name] = {"label": name, "points": am.results["eq7"]["points"], "params": count_parameters(net),
                                 "metrics": ev(net, tuple(teachers))}
-    out["amalgamations"] = {am.name: am.summary() for am in [tn2, *(am for am, _ in tn3.values())]}
+    stages = [tn2, *(am for am, _ in (structured or {}).values()), *(am for am, _ in tn3.values())]
+    out["amalgamations"] = {am.name: am.summary() for am in stages}
     return out
 
 
 def run_demo(out="runs/demo", *, device=None, quick: bool = False, seed: int = 0, progress: bool = True,
-             config: Optional[DemoConfig] = None, threads: Optional[int] = None, data: Optional[str] = None,
+             config: DemoConfig | None = None, threads: int | None = None, data: str | None = None,
              echo: bool = True) -> dict:
     """Run (or resume) the whole experiment in ``out``; returns the results written there.
 
@@ -170,14 +196,18 @@ def _run_locked(out, cfg, *, device, seed, quick, progress, echo, t_start) -> di
     teachers, records, keys = _stage_teachers(tasks, cfg, splits["train"], data_keys["train"], out, device, seed, clock)
     keys["unlabelled"] = data_keys["unlabelled"]  # what the students learn from
     tn2, target2, variants = _stage_targetnet2(teachers, keys, cfg, splits["unlabelled"], out, device, seed, clock)
+    structured = _stage_structured(teachers, keys, cfg, splits["unlabelled"], out, device, seed, clock)
     tn3 = {}
     if "normal" in tasks:
         tn3 = _stage_targetnet3(teachers, keys, tn2, target2, cfg, splits["unlabelled"], out, device, seed, clock)
+    models = _save_models(out, {"tn2": (tn2, target2), **{am.name: (am, net) for am, net in structured.values()}, **tn3})
+    clock.mark("model files (models/)")
 
     results = {"config": cfg.to_json(), "device": str(device), "seed": seed, "quick": quick,
                "torch": torch.__version__, "threads": torch.get_num_threads(),
                "data": {split: len(ds) for split, ds in splits.items()}, "num_blocks": tn2.am.num_blocks,
-               **_evaluate_all(teachers, records, tn2, target2, variants, tn3, splits["test"], cfg, device)}
+               **_evaluate_all(teachers, records, tn2, target2, variants, tn3, splits["test"], cfg, device, structured),
+               "models": models}
     clock.mark("evaluation")
     pairs = {t: ((NAMES[t], teachers[t]), ("TargetNet-2", target2)) for t in ("seg", "depth")}
     if tn3:

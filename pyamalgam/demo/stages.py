@@ -186,14 +186,15 @@ def _loader(dataset, cfg, seed):
 class _Amalgamation:
     """One Amalgamator and its cache directory: a block-wise fit shared by several TargetNets."""
 
-    def __init__(self, name, teachers, outputs, cfg, unlabelled, upstream_key, out: Path, device, seed, progress):
-        self.name, self.cfg = name, cfg
+    def __init__(self, name, teachers, outputs, cfg, unlabelled, upstream_key, out: Path, device, seed, progress,
+                 terms=None):
+        self.name, self.cfg, self.terms = name, cfg, terms  # terms: the Amalgamator's structured terms (issue 12)
         self.seed, self.finetune_seed = seed + SEED_OFFSETS["fit"], seed + SEED_OFFSETS["finetune"]
         self.outputs = outputs  # teacher key -> output names (for the report)
         self.dir = out / "stages" / name
         self.unlabelled = unlabelled
         self.key = _key("fit", name, upstream_key, cfg.block_steps, cfg.amalgam_lr, cfg.amalgam_optimizer,
-                        cfg.batch_size, cfg.probe_images, cfg.channels_last, seed)
+                        cfg.batch_size, cfg.probe_images, cfg.channels_last, seed, *([terms] if terms else []))
         self.key_file = self.dir / "key.json"
         state = _read_json(self.key_file)
         stale = state.get("key") != self.key
@@ -212,7 +213,7 @@ class _Amalgamation:
         torch.manual_seed(self.seed)  # the channel codings' initialisation is this stage's first draw
         return Amalgamator(self.teachers, lr=cfg.amalgam_lr, optimizer=cfg.amalgam_optimizer, device=self.device,
                            channels_last=cfg.channels_last, checkpoint_dir=self.dir, progress=self.progress,
-                           cache_targets=cfg.target_cache_mb * 2**20)
+                           cache_targets=cfg.target_cache_mb * 2**20, terms=self.terms)
 
     def _warm_cache(self) -> None:
         """Teacher targets of every unlabelled image, once (unshuffled: no random draw)."""
@@ -287,6 +288,17 @@ class _Amalgamation:
         self.results[variant] = {"points": chosen, "params": count_parameters(net), "cached": True,
                                  "finetune_seconds": 0.0, "finetuned": False}
         return net
+
+    def save_model(self, net, variant: str, path: Path) -> str:
+        """Write the TargetNet ``net`` of ``variant`` as one model file (``pyamalgam.load``,
+        ``pyamalgam predict``), atomically; the same bytes for the same weights, cached or not.
+        Returns the path relative to the run folder (``models/<name>.safetensors``)."""
+        extra = {"stage": self.name, "variant": variant, "branch_points": self.results[variant]["points"],
+                 "teachers": sorted(self.am.teachers)}
+        if self.terms:
+            extra["terms"] = sorted(self.terms)
+        net.save(path, resolution=tuple(self.cfg.resolution), extra=extra)
+        return f"{path.parent.name}/{path.name}"
 
     def summary(self) -> dict:
         return {

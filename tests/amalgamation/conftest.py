@@ -2,16 +2,13 @@
 import pytest
 import torch
 
-from pyamalgam._testing import tiny_teachers
+from pyamalgam._testing import tiny_teachers, torch_threads
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    # Tiny convolutions: thread hand-off costs more than it saves on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):  # tiny convolutions: thread hand-off costs more than it saves
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,20 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pyamalgam._testing import _Images, state_digest, tiny_loader, tiny_run
+from pyamalgam._testing import (
+    FailingAt,
+    Interrupt,
+    _Images,
+    kill_9_when,
+    state_digest,
+    tiny_loader,
+    tiny_run,
+)
 from pyamalgam.amalgamation import load_checkpoint, save_checkpoint
 
 # 12 images in batches of 4: 3 steps per block, 6 blocks, then 3 fine-tuning steps.
@@ -35,22 +42,9 @@ def same_run(am, reference):
     assert am.loss_table == reference.loss_table and am.branch_points == reference.branch_points
 
 
-class _Interrupt(Exception):
-    pass
-
-
-class _FailingImages(_Images):
-    """Raises when item number ``at`` (counted over the whole run) is fetched."""
-
-    def __init__(self, at):
-        super().__init__(12, 4, 0.0)
-        self.at, self.fetched = at, 0
-
-    def __getitem__(self, i):
-        self.fetched += 1
-        if self.fetched == self.at:
-            raise _Interrupt
-        return super().__getitem__(i)
+def _FailingImages(at):
+    """tiny_loader's images, raising when item number ``at`` (counted over the whole run) is fetched."""
+    return FailingAt(_Images(12, 4, 0.0), at)
 
 
 # fit() first reads the 12 probe images of Eq. 7's final losses (by index); then 12 items a block.
@@ -59,7 +53,7 @@ class _FailingImages(_Images):
 @pytest.mark.parametrize("at", [42, 61, 94])
 def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path, reference, at):
     interrupted = DataLoader(_FailingImages(at), batch_size=4, shuffle=True)
-    with pytest.raises(_Interrupt):
+    with pytest.raises(Interrupt):
         tiny_run(tmp_path, loader=interrupted, checkpoint_every=1)
     same_run(tiny_run(tmp_path, checkpoint_every=1), reference)
 
@@ -69,16 +63,8 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path, reference, p
     with open(tmp_path / "stderr.txt", "w") as err:
         proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(tmp_path)], env=pyamalgam_env, stderr=err,
                                 cwd=tmp_path)  # not the checkout: `-c` imports from the cwd first
-    try:
-        deadline = time.monotonic() + 120
-        while not _inside_block(checkpoint, at_least=3):  # killed with blocks done and one half-done
-            assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()
-            assert time.monotonic() < deadline, "no checkpoint in block 3 after 120 s"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_9_when(proc, lambda: _inside_block(checkpoint, at_least=3),  # killed with blocks done and one half-done
+                tmp_path / "stderr.txt", "no checkpoint in block 3", poll=0.02)
     assert proc.returncode == -signal.SIGKILL
     _, meta = load_checkpoint(checkpoint)  # the last good checkpoint is whole
     assert meta["phase"] == "blocks" and meta["completed_blocks"][:2] == [1, 2]
@@ -147,7 +133,7 @@ def test_a_file_that_is_not_a_checkpoint_is_refused_by_name(tmp_path):
 
 
 def test_a_checkpoint_inside_a_block_holds_weights_optimizer_scheduler_and_rng(tmp_path):
-    with pytest.raises(_Interrupt):  # item 42 is in step 2 of block 3: the last checkpoint is step 1
+    with pytest.raises(Interrupt):  # item 42 is in step 2 of block 3: the last checkpoint is step 1
         tiny_run(tmp_path, loader=DataLoader(_FailingImages(42), batch_size=4, shuffle=True), checkpoint_every=1)
     tensors, meta = load_checkpoint(tmp_path / "last.safetensors")
     assert (meta["phase"], meta["block"], meta["step"], meta["total"]) == ("blocks", 3, 1, 3)

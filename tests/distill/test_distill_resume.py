@@ -3,18 +3,17 @@ an epoch, ends with the uninterrupted run's weights (student, connector, critic)
 losses bit for bit; a checkpoint of another setup, another plan or a corrupt file is refused
 before anything changes."""
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from _distill_cases import Scenes, digest_all, distiller, loader
 from torch.utils.data import DataLoader
 
-from _distill_cases import Scenes, digest_all, distiller, loader
+from pyamalgam._testing import FailingAt, Interrupt, checkpoint_step, kill_9_when
 from pyamalgam.engine import CorruptFileError, load_checkpoint, save_checkpoint
 
 HERE = Path(__file__).parent
@@ -52,20 +51,8 @@ def result(d):
     return {**digest_all(d), "losses": d.history[-1]["losses"]}
 
 
-class _Interrupt(Exception):
-    pass
-
-
-class _Failing(Scenes):
-    def __init__(self, at):
-        super().__init__(N)
-        self.at, self.fetched = at, 0
-
-    def __getitem__(self, i):
-        self.fetched += 1
-        if self.fetched == self.at:
-            raise _Interrupt
-        return super().__getitem__(i)
+def _Failing(at):
+    return FailingAt(Scenes(N), at)
 
 
 # item 11: step 3 of epoch 1; 17: the first step of epoch 2 (the checkpoint after an epoch's last
@@ -73,9 +60,9 @@ class _Failing(Scenes):
 @pytest.mark.parametrize("at", [11, 17, 27])
 def test_resume_after_an_interruption_is_bit_identical(tmp_path, reference, at):
     failing = DataLoader(_Failing(at), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1))
-    with pytest.raises(_Interrupt):
+    with pytest.raises(Interrupt):
         run(tmp_path, failing)
-    checkpointed = _step(tmp_path / "last.safetensors")
+    checkpointed = checkpoint_step(tmp_path / "last.safetensors")
     resumed = run(tmp_path)
     assert result(resumed) == reference
     assert len(resumed.steps) == 8 - checkpointed < 8  # it went on from the checkpoint, not from scratch
@@ -93,17 +80,9 @@ def test_kill_9_mid_epoch_then_resume_is_bit_identical(tmp_path, reference, pyam
     env = {**pyamalgam_env, "OMP_NUM_THREADS": "1"}
     with open(tmp_path / "stderr.txt", "w") as err:
         proc = subprocess.Popen([*cmd, "0.03"], env=env, stderr=err, cwd=tmp_path)
-    try:
-        deadline = time.monotonic() + 120
-        while (_step(out / "last.safetensors") or 0) < 5:  # inside epoch 2
-            assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()
-            assert time.monotonic() < deadline, "no checkpoint after step 5 in 120 s"
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    killed_at = _step(out / "last.safetensors")
+    kill_9_when(proc, lambda: (checkpoint_step(out / "last.safetensors") or 0) >= 5,  # inside epoch 2
+                tmp_path / "stderr.txt", "no checkpoint after step 5")
+    killed_at = checkpoint_step(out / "last.safetensors")
     assert proc.returncode == -signal.SIGKILL and 5 <= killed_at < 8 and not (out / "result.json").exists()
     done = subprocess.run([*cmd, "0"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -112,16 +91,9 @@ def test_kill_9_mid_epoch_then_resume_is_bit_identical(tmp_path, reference, pyam
     assert got == reference
 
 
-def _step(path):
-    try:
-        return load_checkpoint(path)[1]["step"]
-    except (FileNotFoundError, ValueError):
-        return None
-
-
 def test_a_checkpoint_holds_the_student_connector_critic_optimizer_and_rng(tmp_path):
     failing = DataLoader(_Failing(11), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1))
-    with pytest.raises(_Interrupt):
+    with pytest.raises(Interrupt):
         run(tmp_path, failing)
     tensors, meta = load_checkpoint(tmp_path / "last.safetensors")
     assert (meta["phase"], meta["step"], meta["total"], meta["steps"]) == ("train", 2, 8, 8)
@@ -164,7 +136,7 @@ def test_resume_refuses_another_teacher(tmp_path):
 @pytest.mark.parametrize("damage", ["phase", "history", "tensor", "step"])
 def test_a_corrupt_checkpoint_is_refused_by_name_and_changes_nothing(tmp_path, damage):
     failing = DataLoader(_Failing(11), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1))
-    with pytest.raises(_Interrupt):
+    with pytest.raises(Interrupt):
         run(tmp_path, failing)
     path = tmp_path / "last.safetensors"
     tensors, meta = load_checkpoint(path)

@@ -3,16 +3,14 @@
 in the middle of a checkpoint write keeps the previous checkpoint, and two gloo ranks under
 torchrun stay in sync (weights and BatchNorm buffers) with one writer of the run log."""
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch.distributed as dist
 
-from pyamalgam.engine import load_checkpoint
+from pyamalgam._testing import checkpoint_step, kill_9_when
 
 # 48 samples in batches of 4, 2 epochs: 24 steps, a checkpoint after each one. The network has
 # BatchNorm (buffers DDP must sync) and dropout (the global RNG matters); the loader shuffles
@@ -101,29 +99,14 @@ def _result(out, rank=0):
     return json.loads((out / f"result{rank}.json").read_text())
 
 
-def _step(checkpoint):
-    try:
-        return load_checkpoint(checkpoint)[1]["step"]
-    except (FileNotFoundError, ValueError):
-        return None
-
-
 def test_kill_9_inside_an_epoch_then_resume_is_bit_identical(tmp_path, toy):
     toy(tmp_path / "reference")
     out = tmp_path / "killed"
     with open(tmp_path / "stderr.txt", "w") as err:
         proc = toy(out, delay=0.05, stderr=err)
-    try:
-        deadline = time.monotonic() + 120
-        while (_step(out / "last.safetensors") or 0) < 15:  # epoch 2 (steps 13-24), half done
-            assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()
-            assert time.monotonic() < deadline, "no checkpoint after step 15 in 120 s"
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    killed_at = _step(out / "last.safetensors")
+    kill_9_when(proc, lambda: (checkpoint_step(out / "last.safetensors") or 0) >= 15,  # epoch 2 (steps 13-24), half done
+                tmp_path / "stderr.txt", "no checkpoint after step 15")
+    killed_at = checkpoint_step(out / "last.safetensors")
     assert 15 <= killed_at < STEPS and not (out / "result0.json").exists()
     toy(out)
     assert _result(out) == _result(tmp_path / "reference")
@@ -135,7 +118,7 @@ def test_a_crash_inside_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_pat
     out = tmp_path / "crashed"
     proc = toy(out, mode=f"die-in-write-{write}", check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    assert _step(out / "last.safetensors") == (None if write == 1 else write - 1)  # never torn
+    assert checkpoint_step(out / "last.safetensors") == (None if write == 1 else write - 1)  # never torn
     toy(out)  # resumes from the previous checkpoint (or starts afresh), the temporary file ignored
     assert _result(out) == _result(tmp_path / "reference")
 
