@@ -1,5 +1,6 @@
 """The ``pyamalgam distill`` command: the distillation ablation (thesis Tables 3.1 and 4.2) on
-synthetic scenes. :func:`add_parser` registers it on the CLI's sub-parsers (``fn=run``,
+synthetic scenes, or with ``--video`` the temporal-consistency table (thesis Table 5.1) on
+synthetic clips. :func:`add_parser` registers it on the CLI's sub-parsers (``fn=run``,
 ``check=check``, as ``train-teacher``); :func:`check` runs before any work (exit 2 on a bad
 argument); :func:`run` runs it and prints the table."""
 from __future__ import annotations
@@ -53,9 +54,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "distill", help="the structured-distillation ablation (thesis Tables 3.1, 4.2) on synthetic scenes",
         description="Train a wide SegNet teacher with labels, then students of two widths without distillation, "
                     "+PI, +PI+PA (full and local graph), +PI+PA+HO and +CWD, over several seeds; write the table "
-                    "(markdown, JSON) and a figure to --out.")
-    p.add_argument("--quick", action="store_true", help="small images and few steps (about 1.5 min on 2 idle cores)")
-    p.add_argument("--out", default="runs/distill", help="folder of the tables and the figure (default runs/distill)")
+                    "(markdown, JSON) and a figure to --out. With --video, thesis Table 5.1 on synthetic clips instead.")
+    p.add_argument("--quick", action="store_true", help="small images and few steps (about 1.5 min on 2 idle cores; "
+                                                         "with --video about 1 min)")
+    p.add_argument("--video", action="store_true",
+                   help="thesis Table 5.1 instead: a per-frame student on synthetic clips, +SF, +PF, +MF, +TL and all "
+                        "(Eq. 5.3), mIoU and temporal consistency (about 7 min on 2 idle cores)")
+    p.add_argument("--out", default=None, help="folder of the tables and the figure (default runs/distill, "
+                                               "with --video runs/distill-video)")
     p.add_argument("--seeds", type=_seeds, default=(0, 1), help="comma-separated training seeds (default 0,1)")
     p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--threads", type=_threads, default=None, help="torch CPU threads (default: torch's choice)")
@@ -66,6 +72,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def check(args) -> None:
     """--out must be a folder that can be written (created if needed); before any work."""
+    if args.out is None:
+        args.out = "runs/distill-video" if getattr(args, "video", False) else "runs/distill"
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a folder")
@@ -79,6 +87,17 @@ def check(args) -> None:
 
 def run(args) -> int:
     """Run the ablation of ``args`` and print its table; 0 on success."""
+    if args.out is None:
+        check(args)
+    if getattr(args, "video", False):
+        from .video_ablation import run_video_ablation
+        from .video_report import markdown as video_markdown
+
+        results = run_video_ablation(args.out, quick=args.quick, seeds=args.seeds, device=args.device,
+                                     threads=args.threads, progress=not args.no_progress)
+        print(video_markdown(results), end="")
+        print(f"(written to {results['files']['md']}, {results['files']['json']}, {results['files']['png']})")
+        return 0
     from .ablation import run_ablation
     from .ablation_report import markdown
 

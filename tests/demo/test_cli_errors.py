@@ -33,7 +33,7 @@ def _fails(argv, capsys, *needles, code=2):
     (["demo", "--set", "teacher_steps=many"], "teacher_steps needs an int"),
     (["demo", "--bogus"], "unrecognized arguments"),
     (["train-teacher"], "--task"),
-    (["train-teacher", "--task", "edges"], "invalid choice"),
+    (["train-teacher", "--task", "albedo"], "invalid choice"),
     (["train-teacher", "--task", "seg", "--steps", "0"], "positive integer"),
     (["train-teacher", "--task", "seg", "--lr", "-1"], "positive number"),
     (["train-teacher", "--task", "seg", "--resolution", "tall"], "HxW"),

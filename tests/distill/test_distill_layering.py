@@ -9,7 +9,7 @@ import pyamalgam.distill
 ROOT = Path(pyamalgam.distill.__file__).parent
 BASE = {"_checks", "_io", "_extension", "_testing", "_interrupts", "distill"}
 TRAINER = {"engine", "models", "nn", "losses", "ops"}
-EXPERIMENT = {"ablation.py", "ablation_report.py", "command.py"}
+EXPERIMENT = {"ablation.py", "ablation_report.py", "command.py", "video_ablation.py", "video_report.py"}
 
 
 def _imports(path: Path) -> set:
