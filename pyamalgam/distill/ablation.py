@@ -102,14 +102,21 @@ def run_ablation(out, *, quick: bool = False, seeds=(0, 1), device="cpu", thread
     """Run the ablation into the folder ``out`` (``ablation.md``, ``ablation.json``,
     ``ablation.png``) and return its results. ``config`` replaces the preset ``quick`` picks."""
     cfg = config if config is not None else ablation_config("quick" if quick else "full")
-    seeds = _check_seeds(seeds)
+    return run_in_folder(out, seeds, device, threads, lambda o, s, d: _run(o, cfg, s, d, progress))
+
+
+def run_in_folder(out, seeds, device, threads, run) -> dict:
+    """What every experiment driver (this ablation, the video table, ``pyamalgam mtl``) does before
+    its work: check the seeds, make the device, set torch's threads, hold ``out`` (one run per
+    folder); then ``run(out, seeds, device)``."""
+    seeds = check_seeds(seeds)
     device = torch.device(device)
     out = Path(out)
     if threads is not None:
         torch.set_num_threads(as_int(threads))
-    lock = FolderLock(out, "out").acquire()  # one run per folder
+    lock = FolderLock(out, "out").acquire()
     try:
-        return _run(out, cfg, seeds, device, progress)
+        return run(out, seeds, device)
     finally:
         lock.release()
 
@@ -197,7 +204,7 @@ def _render(split, size, cfg, progress) -> _Rendered:
     return _Rendered(torch.cat(images), torch.cat(seg), ds)
 
 
-def _check_seeds(seeds) -> tuple:
+def check_seeds(seeds) -> tuple:
     values = tuple(as_int(s) for s in seeds) if isinstance(seeds, (tuple, list)) else ()
     if not values or any(s is None or s < 0 for s in values) or len(set(values)) != len(values):
         raise ValueError(f"seeds must be a non-empty sequence of distinct ints >= 0, got {seeds!r}")

@@ -17,18 +17,16 @@ import dataclasses
 import math
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .._checks import as_int
 from ..data import SyntheticClips
-from ..engine import FolderLock
 from ..metrics import SegmentationMetric, TemporalConsistency
 from ..models import count_parameters, segnet_vgg
 from ..teachers import train_teacher
+from .ablation import run_in_folder
 from .video import LAMBDA, RandomSampledTriplets, VideoDistiller
 from .video_report import write_results
 
@@ -107,16 +105,7 @@ def run_video_ablation(out, *, quick: bool = False, seeds=(0, 1), device="cpu", 
     """Run Table 5.1 into the folder ``out`` (``video.md``, ``video.json``, ``video.png``) and
     return its results. ``config`` replaces the preset ``quick`` picks."""
     cfg = config if config is not None else video_config("quick" if quick else "full")
-    seeds = _check_seeds(seeds)
-    device = torch.device(device)
-    out = Path(out)
-    if threads is not None:
-        torch.set_num_threads(as_int(threads))
-    lock = FolderLock(out, "out").acquire()  # one run per folder
-    try:
-        return _run(out, cfg, seeds, device, progress)
-    finally:
-        lock.release()
+    return run_in_folder(out, seeds, device, threads, lambda o, s, d: _run(o, cfg, s, d, progress))
 
 
 def _run(out, cfg, seeds, device, progress) -> dict:
@@ -242,9 +231,3 @@ def _render_test(cfg, progress):
     clips = [ds[i] for i in tqdm(range(len(ds)), desc="render test clips", disable=not progress, leave=False)]
     return _Clips([{k: c[k] for k in _KEEP} for c in clips], ds)
 
-
-def _check_seeds(seeds) -> tuple:
-    values = tuple(as_int(s) for s in seeds) if isinstance(seeds, (tuple, list)) else ()
-    if not values or any(s is None or s < 0 for s in values) or len(set(values)) != len(values):
-        raise ValueError(f"seeds must be a non-empty sequence of distinct ints >= 0, got {seeds!r}")
-    return values

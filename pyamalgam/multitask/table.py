@@ -15,15 +15,13 @@ import dataclasses
 import math
 import statistics
 import time
-from pathlib import Path
 from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader
 
-from .._checks import as_int
 from ..amalgamation import Amalgamator
-from ..engine import FolderLock
+from ..distill.ablation import run_in_folder
 from ..models.multitask import MultiTaskNet
 from ..models.protocol import count_parameters
 from ..teachers import train_teacher
@@ -123,14 +121,7 @@ def run_table(out, *, quick: bool = False, seeds=(0, 1), device="cpu", threads: 
               progress: bool = True, config: Optional[TableConfig] = None, rows=ROWS, amalgamated: bool = True) -> dict:
     """Run the table into the folder ``out`` (``mtl.md``, ``mtl.json``, ``mtl.png``); its results."""
     cfg = config if config is not None else table_config("quick" if quick else "full")
-    seeds = _check_seeds(seeds)
-    if threads is not None:
-        torch.set_num_threads(as_int(threads))
-    lock = FolderLock(Path(out), "out").acquire()
-    try:
-        return _run(Path(out), cfg, seeds, torch.device(device), progress, rows, amalgamated)
-    finally:
-        lock.release()
+    return run_in_folder(out, seeds, device, threads, lambda o, s, d: _run(o, cfg, s, d, progress, rows, amalgamated))
 
 
 def _run(out, cfg, seeds, device, progress, rows, amalgamated) -> dict:
@@ -234,9 +225,3 @@ def _summaries(label, baseline, runs) -> list:
                               for r in runs]})
     return rows
 
-
-def _check_seeds(seeds) -> tuple:
-    values = tuple(as_int(s) for s in seeds) if isinstance(seeds, (tuple, list)) else ()
-    if not values or any(s is None or s < 0 for s in values) or len(set(values)) != len(values):
-        raise ValueError(f"seeds must be a non-empty sequence of distinct ints >= 0, got {seeds!r}")
-    return values
