@@ -15,13 +15,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..engine import (CorruptFileError, PhaseState, check_tensors, check_weights, load_checkpoint,
-                      save_checkpoint)
+from ..engine import (
+    CorruptFileError,
+    PhaseState,
+    check_tensors,
+    check_weights,
+    load_checkpoint,
+    save_checkpoint,
+)
 from ..engine.lock import hold_folders
 from ..engine.phase_checks import check_phase_meta
 from ..engine.schema import ANY, Int, ListOf, MapOf, Record, Str, validate
 
-__all__ = ["CHECKPOINT_NAME", "DONE", "save_run", "resume_run", "hold_folders", "MAX_HISTORY"]
+__all__ = [
+    "CHECKPOINT_NAME",
+    "DONE",
+    "MAX_HISTORY",
+    "hold_folders",
+    "open_run",
+    "resume_run",
+    "save_run",
+    "split_parts",
+    "write_run",
+]
 
 CHECKPOINT_NAME = "last.safetensors"
 MAX_HISTORY = 100_000
@@ -47,10 +63,16 @@ def save_run(d, phase: str, steps: int, state: PhaseState | None = None) -> None
     path = checkpoint_path(d)
     if path is None or d.rank != 0:  # one writer; every rank holds the same weights
         return
-    tensors = _tensors(d)
+    write_run(d, path, _tensors(d), phase, steps, d._config(), state)
+
+
+def write_run(owner, path, tensors: dict, phase: str, steps: int, config: dict, state: PhaseState | None) -> None:
+    """Write a single-phase run's checkpoint (this module's layout; the MultiTaskTrainer's too):
+    ``tensors`` (never a NaN one), and a meta of the phase, the planned steps, the setup
+    ``config``, ``owner``'s log history and the engine's ``state`` (default: its RNG only)."""
     check_weights(tensors, f"checkpoint {path}", f"in the {phase} phase")  # never a NaN checkpoint
-    state = state if state is not None else PhaseState(rng=d.engine.rng_state())
-    meta = {"phase": phase, "steps": steps, "config": d._config(), "history": d.history, **state.to_meta(tensors)}
+    state = state if state is not None else PhaseState(rng=owner.engine.rng_state())
+    meta = {"phase": phase, "steps": steps, "config": config, "history": owner.history, **state.to_meta(tensors)}
     save_checkpoint(path, tensors, meta)
 
 
@@ -63,27 +85,10 @@ def resume_run(d, resume, loader, steps: int):
     """Restore ``d`` from the checkpoint ``resume`` names (True: ``checkpoint_dir``'s, if any;
     or a path): the PhaseState to continue, :data:`DONE` for a finished run, None to start
     afresh. ``loader`` (this fit's) gets the checkpoint's loader-generator state."""
-    path = _resume_path(resume, d.checkpoint_dir)
-    if path is None:
+    opened = open_run(d, resume, loader, steps, d._config())
+    if opened is None:
         return None
-    tensors, meta = load_checkpoint(path)
-    validate(meta, meta_schema(), path)
-    if meta["config"] != d._config():
-        raise CorruptFileError(f"resume: {path} was written by a different setup:\n  checkpoint {meta['config']}\n"
-                               f"  now        {d._config()}", path)
-    check_phase_meta(meta, path)
-    mid_phase = meta.get("step") is not None
-    if mid_phase != (meta["phase"] == "train") or (mid_phase and meta["total"] != meta["steps"]):
-        raise CorruptFileError(f"{path}: a {meta['phase']!r} checkpoint with meta['step'] = {meta.get('step')!r} "
-                               f"and meta['total'] = {meta.get('total')!r} (of {meta['steps']} steps)", path)
-    if meta["steps"] != steps:
-        raise ValueError(f"resume: {path} is a run of {meta['steps']} steps, this fit plans {steps} (another "
-                         f"loader length, epochs or max_steps); fit as the run began, or pass resume=False")
-    state = PhaseState.from_meta(meta, tensors, source=path)
-    try:
-        d.engine.check_rng(state.rng, loader)
-    except ValueError as e:
-        raise CorruptFileError(f"{path}: {e}", path) from None
+    path, tensors, meta, state = opened
     parts = _check_parts(d, tensors, path)
     # Everything we can check fits: only now does d change, the critic first (its own
     # load_state_tensors has the last word on its layout; if it refuses, nothing else changed).
@@ -96,14 +101,49 @@ def resume_run(d, resume, loader, steps: int):
     d.step_module.losses.load_state_dict(parts["terms/"])
     d.engine.log.restore(meta["history"])  # what a killed run logged after this checkpoint goes
     d.engine.restore_rng(state.rng, loader)
-    return state if mid_phase else DONE
+    return state if state.step is not None else DONE
+
+
+def open_run(owner, resume, loader, steps: int, config: dict):
+    """Read and check the checkpoint ``resume`` names for a single-phase run of ``steps`` steps
+    (the Distiller's and the MultiTaskTrainer's): the meta against :func:`meta_schema`, the setup
+    against ``config``, the engine's fields, the RNG states against ``loader``; nothing of
+    ``owner`` changes. (path, tensors, meta, PhaseState), or None to start afresh."""
+    path = _resume_path(resume, owner.checkpoint_dir)
+    if path is None:
+        return None
+    tensors, meta = load_checkpoint(path)
+    validate(meta, meta_schema(), path)
+    if meta["config"] != config:
+        raise CorruptFileError(f"resume: {path} was written by a different setup:\n  checkpoint {meta['config']}\n"
+                               f"  now        {config}", path)
+    check_phase_meta(meta, path)
+    mid_phase = meta.get("step") is not None
+    if mid_phase != (meta["phase"] == "train") or (mid_phase and meta["total"] != meta["steps"]):
+        raise CorruptFileError(f"{path}: a {meta['phase']!r} checkpoint with meta['step'] = {meta.get('step')!r} "
+                               f"and meta['total'] = {meta.get('total')!r} (of {meta['steps']} steps)", path)
+    if meta["steps"] != steps:
+        raise ValueError(f"resume: {path} is a run of {meta['steps']} steps, this fit plans {steps} (another "
+                         f"loader length, epochs or max_steps); fit as the run began, or pass resume=False")
+    state = PhaseState.from_meta(meta, tensors, source=path)
+    try:
+        owner.engine.check_rng(state.rng, loader)
+    except ValueError as e:
+        raise CorruptFileError(f"{path}: {e}", path) from None
+    return path, tensors, meta, state
+
+
+def split_parts(tensors: dict, parts: tuple, path, what: str) -> dict:
+    """``tensors`` by part: prefix -> its tensors without the prefix; a tensor of no part (nor
+    of the engine's PhaseState) is a CorruptFileError naming the file (``what``: whose checkpoint)."""
+    unknown = sorted(k for k in tensors if not k.startswith(parts) and not k.startswith(_ENGINE_PARTS))
+    if unknown:
+        raise CorruptFileError(f"{path}: tensors {unknown[:3]} belong to no part of a {what} checkpoint", path)
+    return {p: {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)} for p in parts}
 
 
 def _check_parts(d, tensors, path) -> dict:
-    unknown = sorted(k for k in tensors if not k.startswith(_PARTS) and not k.startswith(_ENGINE_PARTS))
-    if unknown:
-        raise CorruptFileError(f"{path}: tensors {unknown[:3]} belong to no part of a Distiller checkpoint", path)
-    parts = {p: {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)} for p in _PARTS}
+    parts = split_parts(tensors, _PARTS, path, "Distiller")
     check_tensors(d.student.state_dict(), parts["student/"], f"{path}: the student", path)
     check_tensors(d.step_module.losses.state_dict(), parts["terms/"], f"{path}: the terms' connectors", path)
     if d.holistic is None and parts["ho/"]:
