@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .._io import atomic_write
 
-__all__ = ["write_results", "markdown"]
+__all__ = ["markdown", "write_outputs", "write_results"]
 
 
 def _width(w: float) -> str:
@@ -21,13 +21,13 @@ def markdown(results: dict) -> str:
     """Tables 3.1 / 4.2 in the thesis' layout: mIoU mean ± std over the seeds, the gain over the
     undistilled student of the same width, parameters, and the training time per step."""
     seeds, t = results["seeds"], results["teacher"]
-    lines = [f"Distillation ablation on synthetic scenes ({results['config']['resolution'][0]}x"
+    lines = [(f"Distillation ablation on synthetic scenes ({results['config']['resolution'][0]}x"
              f"{results['config']['resolution'][1]}, {results['config']['student_steps']} student steps, "
-             f"{len(seeds)} seed(s) {seeds}, {results['device']}); mIoU on the test split, mean ± std over seeds.",
+             f"{len(seeds)} seed(s) {seeds}, {results['device']}); mIoU on the test split, mean ± std over seeds."),
              "", "| network | width | parameters | mIoU (%) | Δ mIoU vs. student | ms / step |",
              "|---|---|---|---|---|---|",
-             f"| teacher | {_width(t['width'])} | {_params(t['parameters'])} | {100 * t['miou']:.2f} | – | "
-             f"{t['ms_per_step']:.1f} |"]
+             (f"| teacher | {_width(t['width'])} | {_params(t['parameters'])} | {100 * t['miou']:.2f} | – | "
+             f"{t['ms_per_step']:.1f} |")]
     base = {}
     for row in results["rows"]:
         w = row["width"]
@@ -39,19 +39,26 @@ def markdown(results: dict) -> str:
         delta = "–" if row["row"] == "student" else f"{100 * (row['miou'] - base[w]):+.2f}"
         lines.append(f"| {row['row']} | {_width(w)} | {_params(row['parameters'])} | {100 * row['miou']:.2f} ± "
                      f"{100 * row['miou_std']:.2f} | {delta} | {row['ms_per_step']:.1f} |")
-    lines += ["", f"Total time {results['seconds']} s. Rows: thesis Table 3.1 (PI, PA, HO, weights 10/10/0.1), "
-              "Table 3.2's local graph (α = 9, β = 2×2), Table 4.2's CWD (T = 3, weight 3, last-block features)."]
+    lines += ["", (f"Total time {results['seconds']} s. Rows: thesis Table 3.1 (PI, PA, HO, weights 10/10/0.1), "
+              "Table 3.2's local graph (α = 9, β = 2×2), Table 4.2's CWD (T = 3, weight 3, last-block features).")]
     return "\n".join(lines) + "\n"
 
 
 def write_results(out, results: dict) -> dict:
     """Write ``ablation.md``, ``ablation.json`` and ``ablation.png`` into ``out``; their paths."""
+    return write_outputs(out, "ablation", results, markdown(results), _figure)
+
+
+def write_outputs(out, stem: str, results: dict, text: str, figure, payload: dict | None = None) -> dict:
+    """An experiment table's three files in ``out``, each written atomically: ``<stem>.md``
+    (``text``), ``<stem>.png`` (``figure(results, path)``) and ``<stem>.json`` (``payload``,
+    default ``results``, with the three paths under ``"files"``). Returns the paths (str)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"md": out / "ablation.md", "json": out / "ablation.json", "png": out / "ablation.png"}
-    atomic_write(files["md"], markdown(results).encode())
-    _figure(results, files["png"])
-    payload = {**results, "files": {k: str(v) for k, v in files.items()}}
+    files = {"md": out / f"{stem}.md", "json": out / f"{stem}.json", "png": out / f"{stem}.png"}
+    atomic_write(files["md"], text.encode())
+    figure(results, files["png"])
+    payload = {**(results if payload is None else payload), "files": {k: str(v) for k, v in files.items()}}
     atomic_write(files["json"], (json.dumps(payload, indent=1, ensure_ascii=False) + "\n").encode())
     return {k: str(v) for k, v in files.items()}
 

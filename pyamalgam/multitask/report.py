@@ -1,10 +1,9 @@
 """The table's outputs: markdown and JSON in seed 002's Table 1 layout, and one figure."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .._io import atomic_write
+from ..distill.ablation_report import _params, write_outputs
 from .tasks import COLUMNS
 
 __all__ = ["markdown", "write_results"]
@@ -19,10 +18,6 @@ def _fmt(key, stat) -> str:
     if key.startswith("seg/"):
         return f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f}"
     return f"{stat['mean']:.4f} ± {stat['std']:.4f}"
-
-
-def _params(n: int) -> str:
-    return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n / 1e3:.1f} k"
 
 
 def markdown(results: dict) -> str:
@@ -54,14 +49,7 @@ def markdown(results: dict) -> str:
 
 def write_results(out, results: dict) -> dict:
     """Write ``mtl.md``, ``mtl.json`` and ``mtl.png`` into ``out``; their paths."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"md": out / "mtl.md", "json": out / "mtl.json", "png": out / "mtl.png"}
-    atomic_write(files["md"], markdown(results).encode())
-    _figure(results, files["png"])
-    payload = {**results, "files": {k: str(v) for k, v in files.items()}}
-    atomic_write(files["json"], (json.dumps(payload, indent=1, ensure_ascii=False) + "\n").encode())
-    return {k: str(v) for k, v in files.items()}
+    return write_outputs(out, "mtl", results, markdown(results), _figure)
 
 
 def _figure(results: dict, path: Path) -> None:
