@@ -18,7 +18,6 @@ import math
 import statistics
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -33,7 +32,7 @@ from ..teachers import train_teacher
 from .ablation_report import write_results
 from .distiller import Distiller
 
-__all__ = ["AblationConfig", "ROWS", "ablation_config", "run_ablation"]
+__all__ = ["ROWS", "AblationConfig", "ablation_config", "run_ablation"]
 
 #: (label, terms) of Table 3.1's rows, Table 3.2's local graph and Table 4.2's CWD (thesis weights).
 ROWS = (
@@ -82,12 +81,20 @@ _PRESETS = {
 
 def ablation_config(preset: str = "full", **overrides) -> AblationConfig:
     """The ``"full"``, ``"quick"`` or ``"micro"`` preset, with fields replaced by ``overrides``."""
-    if preset not in _PRESETS:
-        raise ValueError(f"preset must be one of {sorted(_PRESETS)}, got {preset!r}")
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(AblationConfig)})
+    return preset_config(_PRESETS, preset, overrides)
+
+
+def preset_config(presets: dict, preset: str, overrides: dict):
+    """What every experiment's ``*_config`` does first (this ablation, the video table, ``pyamalgam
+    mtl``): the dataclass ``presets[preset]`` with fields replaced by ``overrides``, unknown names
+    refused, its ``resolution`` multiples of ``2^depth``."""
+    if preset not in presets:
+        raise ValueError(f"preset must be one of {sorted(presets)}, got {preset!r}")
+    cls = type(presets[preset])
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
-        raise ValueError(f"unknown AblationConfig field(s) {unknown}")
-    cfg = dataclasses.replace(_PRESETS[preset], **overrides)
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}")
+    cfg = dataclasses.replace(presets[preset], **overrides)
     if any(s % 2**cfg.depth for s in cfg.resolution):
         raise ValueError(f"resolution {cfg.resolution} must be multiples of 2^depth = {2**cfg.depth}")
     return cfg
@@ -97,8 +104,8 @@ def holistic_available() -> bool:
     return importlib.util.find_spec("pyamalgam.losses.holistic") is not None
 
 
-def run_ablation(out, *, quick: bool = False, seeds=(0, 1), device="cpu", threads: Optional[int] = None,
-                 progress: bool = True, config: Optional[AblationConfig] = None) -> dict:
+def run_ablation(out, *, quick: bool = False, seeds=(0, 1), device="cpu", threads: int | None = None,
+                 progress: bool = True, config: AblationConfig | None = None) -> dict:
     """Run the ablation into the folder ``out`` (``ablation.md``, ``ablation.json``,
     ``ablation.png``) and return its results. ``config`` replaces the preset ``quick`` picks."""
     cfg = config if config is not None else ablation_config("quick" if quick else "full")

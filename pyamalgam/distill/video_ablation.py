@@ -26,7 +26,7 @@ from ..data import SyntheticClips
 from ..metrics import SegmentationMetric, TemporalConsistency
 from ..models import count_parameters, segnet_vgg
 from ..teachers import train_teacher
-from .ablation import run_in_folder
+from .ablation import preset_config, run_in_folder
 from .video import LAMBDA, RandomSampledTriplets, VideoDistiller
 from .video_report import write_results
 
@@ -84,14 +84,7 @@ _PRESETS = {
 
 def video_config(preset: str = "full", **overrides) -> VideoConfig:
     """The ``"full"``, ``"quick"`` or ``"micro"`` preset, with fields replaced by ``overrides``."""
-    if preset not in _PRESETS:
-        raise ValueError(f"preset must be one of {sorted(_PRESETS)}, got {preset!r}")
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(VideoConfig)})
-    if unknown:
-        raise ValueError(f"unknown VideoConfig field(s) {unknown}")
-    cfg = dataclasses.replace(_PRESETS[preset], **overrides)
-    if any(s % 2**cfg.depth for s in cfg.resolution):
-        raise ValueError(f"resolution {cfg.resolution} must be multiples of 2^depth = {2**cfg.depth}")
+    cfg = preset_config(_PRESETS, preset, overrides)
     if not 1 <= cfg.anchor <= cfg.length - 2:
         raise ValueError(f"anchor must leave a frame on each side of the labelled one: 1 <= anchor <= "
                          f"length - 2 = {cfg.length - 2}, got {cfg.anchor}")

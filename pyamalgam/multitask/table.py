@@ -15,13 +15,12 @@ import dataclasses
 import math
 import statistics
 import time
-from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader
 
 from ..amalgamation import Amalgamator
-from ..distill.ablation import run_in_folder
+from ..distill.ablation import preset_config, run_in_folder
 from ..models.multitask import MultiTaskNet
 from ..models.protocol import count_parameters
 from ..teachers import train_teacher
@@ -31,7 +30,7 @@ from .objectives import SelfDistillation
 from .report import write_results
 from .trainer import MultiTaskTrainer
 
-__all__ = ["TableConfig", "ROWS", "table_config", "run_table", "Row"]
+__all__ = ["ROWS", "Row", "TableConfig", "run_table", "table_config"]
 
 _DATA_SEED = 0
 _TEACHER_SEED = 100
@@ -44,7 +43,7 @@ class Row:
 
     label: str
     decoder: str = "unpool"
-    sd: Optional[SelfDistillation] = None
+    sd: SelfDistillation | None = None
     kd: bool = False
     baseline: str = ""
 
@@ -105,20 +104,13 @@ _PRESETS = {
 
 def table_config(preset: str = "full", **overrides) -> TableConfig:
     """The ``"full"``, ``"quick"`` or ``"micro"`` preset, fields replaced by ``overrides``."""
-    if preset not in _PRESETS:
-        raise ValueError(f"preset must be one of {sorted(_PRESETS)}, got {preset!r}")
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(TableConfig)})
-    if unknown:
-        raise ValueError(f"unknown TableConfig field(s) {unknown}")
-    cfg = dataclasses.replace(_PRESETS[preset], **overrides)
-    if any(s % 2**cfg.depth for s in cfg.resolution):
-        raise ValueError(f"resolution {cfg.resolution} must be multiples of 2^depth = {2**cfg.depth}")
+    cfg = preset_config(_PRESETS, preset, overrides)
     MultiTaskNet(cfg.tasks, width=cfg.width, depth=1)  # the task names: a clear error now, not after rendering
     return cfg
 
 
-def run_table(out, *, quick: bool = False, seeds=(0, 1), device="cpu", threads: Optional[int] = None,
-              progress: bool = True, config: Optional[TableConfig] = None, rows=ROWS, amalgamated: bool = True) -> dict:
+def run_table(out, *, quick: bool = False, seeds=(0, 1), device="cpu", threads: int | None = None,
+              progress: bool = True, config: TableConfig | None = None, rows=ROWS, amalgamated: bool = True) -> dict:
     """Run the table into the folder ``out`` (``mtl.md``, ``mtl.json``, ``mtl.png``); its results."""
     cfg = config if config is not None else table_config("quick" if quick else "full")
     return run_in_folder(out, seeds, device, threads, lambda o, s, d: _run(o, cfg, s, d, progress, rows, amalgamated))
