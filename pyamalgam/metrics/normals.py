@@ -3,14 +3,13 @@ mean cosine similarity of seed 002."""
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
 
 import torch
 
 from .._checks import check_int
 from .segmentation import _check_mask, _check_tensor
 
-__all__ = ["NormalMetric", "NormalCosineMetric", "angular_error"]
+__all__ = ["NormalCosineMetric", "NormalMetric", "angular_error"]
 
 THRESHOLDS = (11.25, 22.5, 30.0)
 _KEYS = ("mean", "median", "rmse", "within_11_25", "within_22_5", "within_30")
@@ -55,7 +54,7 @@ class NormalMetric:
     less than the threshold); ``nan`` when no pixel has been evaluated.
     """
 
-    def __init__(self, median_bins: Optional[int] = None) -> None:
+    def __init__(self, median_bins: int | None = None) -> None:
         self.median_bins = None if median_bins is None else check_int("median_bins", median_bins, minimum=1)
         self.reset()
 
@@ -64,10 +63,10 @@ class NormalMetric:
 
     def reset(self) -> None:
         """Forget everything seen so far."""
-        self._sums: Optional[torch.Tensor] = None  # float64: sum angle, sum angle^2, 3 threshold counts
+        self._sums: torch.Tensor | None = None  # float64: sum angle, sum angle^2, 3 threshold counts
         self._count = 0
-        self._angles: List[torch.Tensor] = []
-        self._hist: Optional[torch.Tensor] = None
+        self._angles: list[torch.Tensor] = []
+        self._hist: torch.Tensor | None = None
 
     @property
     def num_pixels(self) -> int:
@@ -81,27 +80,9 @@ class NormalMetric:
         return 0.0 if self.median_bins is None else 90.0 / self.median_bins
 
     @torch.no_grad()
-    def update(self, pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
+    def update(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Accumulate one batch (see the class docstring)."""
-        _check_tensor("pred", pred, floating=True)
-        _check_tensor("target", target, floating=True)
-        if target.dim() < 2 or target.shape[1] != 3:
-            raise ValueError(f"target must have shape (B, 3, H, W) (3 vector components at dim 1), "
-                             f"got {tuple(target.shape)}")
-        if pred.shape != target.shape:
-            raise ValueError(f"pred must have the shape of target {tuple(target.shape)}, got {tuple(pred.shape)}")
-        if pred.device != target.device:
-            raise ValueError(f"pred and target must be on the same device, got {pred.device} and {target.device}")
-        spatial = target.shape[:1] + target.shape[2:]
-        mask = _check_mask(mask, spatial, target_name="target without its channel dim")
-        valid = torch.isfinite(target).all(1) & (target != 0).any(1)
-        if mask is not None:
-            valid &= mask.to(valid.device)
-        p = pred.movedim(1, -1)[valid]  # (N, 3)
-        t = target.movedim(1, -1)[valid]
-        if not torch.isfinite(p).all():
-            raise ValueError(f"pred holds non-finite values at {int((~torch.isfinite(p).all(1)).sum())} "
-                             f"evaluated pixel(s)")
+        p, t = _normal_pixels(pred, target, mask)  # (N, 3), in the inputs' dtype
         ang = angular_error(p, t, dim=1)
         sums = torch.stack([ang.sum(), (ang * ang).sum()] + [(ang < th).sum().double() for th in THRESHOLDS])
         self._sums = sums if self._sums is None else self._sums + sums.to(self._sums.device)
@@ -130,7 +111,7 @@ class NormalMetric:
         centres = (bins + 0.5) * (180.0 / self.median_bins)
         return centres.mean().item()
 
-    def compute(self) -> Dict[str, float]:
+    def compute(self) -> dict[str, float]:
         """Angular statistics over everything seen since the last reset."""
         if self._sums is None:
             raise RuntimeError("NormalMetric.compute() called before any update()")
@@ -162,7 +143,7 @@ class NormalCosineMetric:
 
     def reset(self) -> None:
         """Forget everything seen so far."""
-        self._sum: Optional[torch.Tensor] = None
+        self._sum: torch.Tensor | None = None
         self._count = 0
 
     @property
@@ -171,16 +152,16 @@ class NormalCosineMetric:
         return self._count
 
     @torch.no_grad()
-    def update(self, pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
+    def update(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Accumulate one batch (see the class docstring)."""
-        p, t = _normal_pixels(pred, target, mask)
+        p, t = (v.double() for v in _normal_pixels(pred, target, mask))
         pn, tn = torch.linalg.vector_norm(p, dim=1), torch.linalg.vector_norm(t, dim=1)
         cos = (p * t).sum(1) / (pn * tn).clamp_min(torch.finfo(torch.float64).tiny)
         total = cos.sum()
         self._sum = total if self._sum is None else self._sum + total.to(self._sum.device)
         self._count += int(cos.numel())
 
-    def compute(self) -> Dict[str, float]:
+    def compute(self) -> dict[str, float]:
         """The pixel-pooled mean cosine since the last reset."""
         if self._sum is None:
             raise RuntimeError("NormalCosineMetric.compute() called before any update()")
@@ -188,7 +169,8 @@ class NormalCosineMetric:
 
 
 def _normal_pixels(pred, target, mask):
-    """The evaluated pixels of :class:`NormalMetric`'s inputs as float64 (N, 3) pairs."""
+    """The evaluated pixels of the normal metrics' inputs, checked: (N, 3) pairs (pred, target)
+    in their dtype; a pixel counts where its target is finite and non-zero and ``mask`` holds."""
     _check_tensor("pred", pred, floating=True)
     _check_tensor("target", target, floating=True)
     if target.dim() < 2 or target.shape[1] != 3:
@@ -202,8 +184,8 @@ def _normal_pixels(pred, target, mask):
     valid = torch.isfinite(target).all(1) & (target != 0).any(1)
     if mask is not None:
         valid &= mask.to(valid.device)
-    p = pred.movedim(1, -1)[valid].double()
-    t = target.movedim(1, -1)[valid].double()
+    p = pred.movedim(1, -1)[valid]
+    t = target.movedim(1, -1)[valid]
     if not torch.isfinite(p).all():
         raise ValueError(f"pred holds non-finite values at {int((~torch.isfinite(p).all(1)).sum())} "
                          f"evaluated pixel(s)")
