@@ -28,17 +28,25 @@ from ..losses import get_task
 from ..ops import soft_argmax_depth
 from .protocol import BlockNetwork, Side, check_input
 from .sequential import SequentialBlockNet
-from .vgg import VGG16_CHANNELS, VGG16_CONVS, DecoderBlock, EncoderBlock, _check_config, _default_head
+from .vgg import (
+    VGG16_CHANNELS,
+    VGG16_CONVS,
+    DecoderBlock,
+    EncoderBlock,
+    _check_config,
+    _default_head,
+    kaiming_init,
+)
 
-__all__ = ["MultiTaskNet", "ShallowPath", "multitask_segnet", "multitask_unet", "resolve_tasks", "head_outputs"]
+__all__ = ["MultiTaskNet", "ShallowPath", "head_outputs", "multitask_segnet", "multitask_unet", "resolve_tasks"]
 
 
-def multitask_segnet(tasks=("seg", "depth", "normal"), **kwargs) -> "MultiTaskNet":
+def multitask_segnet(tasks=("seg", "depth", "normal"), **kwargs) -> MultiTaskNet:
     """Hard-sharing multi-task SegNet (max-unpooling decoders): seed 002's Baseline-1."""
     return MultiTaskNet(tasks, decoder="unpool", **kwargs)
 
 
-def multitask_unet(tasks=("seg", "depth", "normal"), **kwargs) -> "MultiTaskNet":
+def multitask_unet(tasks=("seg", "depth", "normal"), **kwargs) -> MultiTaskNet:
     """The U-Net ablation of seed 002's Table 1: the decoders concatenate the encoder's skips."""
     return MultiTaskNet(tasks, decoder="concat", **kwargs)
 
@@ -159,13 +167,7 @@ class MultiTaskNet(BlockNetwork):
 
     def init_weights(self) -> None:
         """Kaiming-normal convolutions, unit BatchNorm (as the single-task VGG teachers)."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        kaiming_init(self)
 
     # ------------------------------------------------------------ the training-time pass
 

@@ -20,23 +20,30 @@ Two decoders, to show the side information the protocol carries:
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import DepthTask, EdgeTask, KeypointTask, NormalTask, SegmentationTask, get_task
+from ..losses import (
+    DepthTask,
+    EdgeTask,
+    KeypointTask,
+    NormalTask,
+    SegmentationTask,
+    get_task,
+)
 from .heads import DepthHead, EdgeHead, KeypointHead, NormalHead, SegmentationHead
 from .sequential import SequentialBlockNet
 
-__all__ = ["segnet_vgg", "unet_vgg", "VGGEncoderDecoder", "EncoderBlock", "DecoderBlock"]
+__all__ = ["DecoderBlock", "EncoderBlock", "VGGEncoderDecoder", "segnet_vgg", "unet_vgg"]
 
 VGG16_CHANNELS = (64, 128, 256, 512, 512)
 VGG16_CONVS = (2, 2, 3, 3, 3)
 
 
-def segnet_vgg(task: str = "segmentation", *, width: float = 1.0, depth: int = 5, **kwargs) -> "VGGEncoderDecoder":
+def segnet_vgg(task: str = "segmentation", *, width: float = 1.0, depth: int = 5, **kwargs) -> VGGEncoderDecoder:
     """SegNet (VGG16-BN encoder, mirrored decoder with max-unpooling) for ``task``.
 
     ``width`` scales every channel count (1/16 gives a CPU-sized toy), ``depth`` is the number of
@@ -48,12 +55,24 @@ def segnet_vgg(task: str = "segmentation", *, width: float = 1.0, depth: int = 5
     return VGGEncoderDecoder(task, width=width, depth=depth, decoder="unpool", **kwargs)
 
 
-def unet_vgg(task: str = "segmentation", *, width: float = 1.0, depth: int = 5, **kwargs) -> "VGGEncoderDecoder":
+def unet_vgg(task: str = "segmentation", *, width: float = 1.0, depth: int = 5, **kwargs) -> VGGEncoderDecoder:
     """U-Net-style variant: same blocks, nearest up-sampling and concatenated skip features.
 
     The decoder convolutions see twice the channels: 35.0 M parameters at width 1, depth 5.
     """
     return VGGEncoderDecoder(task, width=width, depth=depth, decoder="concat", **kwargs)
+
+
+def kaiming_init(module: nn.Module) -> None:
+    """Kaiming-normal (fan-out, ReLU) convolutions with zero bias and unit BatchNorm (VGG / SegNet
+    practice): the initialisation of the VGG encoder-decoders, single- and multi-task."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 class VGGEncoderDecoder(SequentialBlockNet):
@@ -107,13 +126,7 @@ class VGGEncoderDecoder(SequentialBlockNet):
     def init_weights(self) -> None:
         """Kaiming-normal convolutions, unit BatchNorm (VGG / SegNet practice); the one-channel edge
         and key-point heads start small (see below)."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        kaiming_init(self)
         if isinstance(self.head, (EdgeHead, KeypointHead)):
             # one output channel after Kaiming fan-out (std sqrt(2/9)) starts at |outputs| ~ 4: a
             # saturated sigmoid, a heat-map far from its mostly-zero target. Start near p = 0.5 / 0.
