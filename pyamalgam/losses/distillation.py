@@ -8,32 +8,31 @@ normals) is in its docstring and in docs/distillation.md.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from .._checks import check_float, check_int
 from .. import ops
+from .._checks import check_float, check_int, check_map
 
 __all__ = [
-    "pixel_wise_loss", "pair_wise_loss", "alpha_fusion", "beta_fusion", "table_3_2_radii", "channel_wise_loss",
-    "PixelWiseLoss", "PairWiseLoss", "ChannelWiseLoss", "StructuredObjective", "ObjectiveTerms",
+    "ChannelWiseLoss",
+    "ObjectiveTerms",
+    "PairWiseLoss",
+    "PixelWiseLoss",
+    "StructuredObjective",
+    "alpha_fusion",
+    "beta_fusion",
+    "channel_wise_loss",
+    "pair_wise_loss",
+    "pixel_wise_loss",
+    "table_3_2_radii",
 ]
 
 _ORDERS = ("thesis", "teacher")
 _DEFAULT = object()  # "the thesis' term" for StructuredObjective's arguments
-
-
-def _map(name: str, t, min_channels: int = 1) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name} must be (B, C, H, W), got shape {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if t.shape[1] < min_channels:
-        raise ValueError(f"{name} must have at least {min_channels} channels, got shape {tuple(t.shape)}")
 
 
 def _pair(s_name: str, s: torch.Tensor, t_name: str, t: torch.Tensor, channels: bool) -> None:
@@ -46,7 +45,7 @@ def _pair(s_name: str, s: torch.Tensor, t_name: str, t: torch.Tensor, channels: 
         raise ValueError(f"{t_name} must be on the device of {s_name} ({s.device}), got {t.device}")
 
 
-def _pixel_mask(mask, ref: torch.Tensor) -> Optional[torch.Tensor]:
+def _pixel_mask(mask, ref: torch.Tensor) -> torch.Tensor | None:
     if mask is None:
         return None
     b, _, h, w = ref.shape
@@ -64,7 +63,7 @@ def _pixel_mask(mask, ref: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def pixel_wise_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-                    mask: Optional[torch.Tensor] = None, *, order: str = "thesis") -> torch.Tensor:
+                    mask: torch.Tensor | None = None, *, order: str = "thesis") -> torch.Tensor:
     """Pixel-wise distillation, thesis Eq. 3.1: ``1/(W'H') sum_i KL(q^s_i || q^t_i)``.
 
     ``q_i = softmax(z_i / T)`` over the K classes of pixel i. ``order="thesis"`` (default) is the
@@ -90,8 +89,8 @@ def pixel_wise_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
             ``labels != ignore_index``.
         order: "thesis" (KL(student || teacher)) or "teacher" (KL(teacher || student)).
     """
-    _map("student_logits", student_logits, min_channels=2)
-    _map("teacher_logits", teacher_logits, min_channels=2)
+    check_map("student_logits", student_logits, min_channels=2)
+    check_map("teacher_logits", teacher_logits, min_channels=2)
     _pair("student_logits", student_logits, "teacher_logits", teacher_logits, channels=True)
     t = check_float("temperature", temperature, positive=True)
     if order not in _ORDERS:
@@ -113,7 +112,7 @@ def pixel_wise_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return (t * t * torch.where(mask, kl, torch.zeros_like(kl)).sum() / count).to(student_logits.dtype)
 
 
-def pair_wise_loss(fs: torch.Tensor, ft: torch.Tensor, radius: Optional[int] = None, patch: int = 1) -> torch.Tensor:
+def pair_wise_loss(fs: torch.Tensor, ft: torch.Tensor, radius: int | None = None, patch: int = 1) -> torch.Tensor:
     """Pair-wise distillation, thesis Eq. 3.2, with connection range alpha and granularity beta.
 
     ``l_pa = beta / (W'H' alpha) sum_i sum_{j in alpha(i)} (a^s_ij - a^t_ij)^2`` with
@@ -145,7 +144,7 @@ def pair_wise_loss(fs: torch.Tensor, ft: torch.Tensor, radius: Optional[int] = N
     if radius is None:
         return ops.pairwise_affinity_loss(fs, ft, patch)
     radius = check_int("radius", radius, minimum=0)
-    _map("fs", fs)
+    check_map("fs", fs)
     hp, wp = math.ceil(fs.shape[2] / patch), math.ceil(fs.shape[3] / patch)
     if hp * wp > 0 and radius >= max(hp, wp) - 1:  # every window holds the whole grid: the full graph
         return ops.pairwise_affinity_loss(fs, ft, patch)
@@ -164,7 +163,7 @@ def table_3_2_radii(height: int, width: int, patch: int = 2, fractions: Sequence
     return [None if f == 1 else math.ceil(side / f) // 2 for f in fractions]
 
 
-def alpha_fusion(fs: torch.Tensor, ft: torch.Tensor, radii: Optional[Sequence[Optional[int]]] = None,
+def alpha_fusion(fs: torch.Tensor, ft: torch.Tensor, radii: Sequence[int | None] | None = None,
                  patch: int = 2) -> torch.Tensor:
     """Table 3.2's alpha-fusion: the sum of Eq. 3.2 over several connection ranges at one beta.
 
@@ -178,7 +177,7 @@ def alpha_fusion(fs: torch.Tensor, ft: torch.Tensor, radii: Optional[Sequence[Op
 
 
 def beta_fusion(fs: torch.Tensor, ft: torch.Tensor, patches: Sequence[int] = (2, 4, 8),
-                radius: Optional[int] = None) -> torch.Tensor:
+                radius: int | None = None) -> torch.Tensor:
     """Table 3.2's beta-fusion: the sum of Eq. 3.2 over several granularities (footnote 2: beta
     2x2, 4x4, 8x8 with the full graph, ``radius=None``). Unweighted sum of :func:`pair_wise_loss`.
     (The table's third row, feature-fusion, is a sum of pair_wise_loss over feature levels.)"""
@@ -189,7 +188,7 @@ def beta_fusion(fs: torch.Tensor, ft: torch.Tensor, patches: Sequence[int] = (2,
 
 
 def channel_wise_loss(ys: torch.Tensor, yt: torch.Tensor, temperature: float = 3.0,
-                      connector: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+                      connector: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Channel-wise distillation, thesis Eqs. 4.2-4.4.
 
     Each channel c becomes a distribution over its H*W pixels, ``phi(y_c) = softmax(y_c / T)``
@@ -218,8 +217,8 @@ def channel_wise_loss(ys: torch.Tensor, yt: torch.Tensor, temperature: float = 3
         if not callable(connector):
             raise TypeError(f"connector must be callable (e.g. pyamalgam.nn.Connector), got {type(connector).__name__}")
         ys = connector(ys)
-    _map("ys", ys)
-    _map("yt", yt)
+    check_map("ys", ys)
+    check_map("yt", yt)
     if ys.shape[1] != yt.shape[1]:
         raise ValueError(f"ys has {ys.shape[1]} channels and yt {yt.shape[1]}: pass "
                          f"connector=pyamalgam.nn.Connector({ys.shape[1]}, {yt.shape[1]})")
@@ -247,7 +246,7 @@ class PixelWiseLoss(nn.Module):
 class PairWiseLoss(nn.Module):
     """Eq. 3.2 as a module: ``PairWiseLoss(radius, patch)(fs, ft)``; see :func:`pair_wise_loss`."""
 
-    def __init__(self, radius: Optional[int] = None, patch: int = 1):
+    def __init__(self, radius: int | None = None, patch: int = 1):
         super().__init__()
         self.radius = None if radius is None else check_int("radius", radius, minimum=0)
         self.patch = check_int("patch", patch, minimum=1)
@@ -263,7 +262,7 @@ class ChannelWiseLoss(nn.Module):
     """Eqs. 4.2-4.4 as a module, with its optional connector as a submodule (so that its
     parameters train with the student's): ``ChannelWiseLoss(3.0, Connector(64, 256))(ys, yt)``."""
 
-    def __init__(self, temperature: float = 3.0, connector: Optional[nn.Module] = None):
+    def __init__(self, temperature: float = 3.0, connector: nn.Module | None = None):
         super().__init__()
         self.temperature = check_float("temperature", temperature, positive=True)
         self.connector = connector
@@ -279,7 +278,7 @@ class ObjectiveTerms(NamedTuple):
     """What :class:`StructuredObjective` returns: the total and each (unweighted) term."""
 
     total: torch.Tensor
-    terms: Dict[str, torch.Tensor]
+    terms: dict[str, torch.Tensor]
 
 
 class StructuredObjective:
@@ -298,8 +297,8 @@ class StructuredObjective:
     """
 
     def __init__(self, lambda1: float = 10.0, lambda2: float = 0.1, *,
-                 pixel_wise: Optional[Callable] = _DEFAULT, pair_wise: Optional[Callable] = _DEFAULT,
-                 holistic: Optional[Callable] = None):
+                 pixel_wise: Callable | None = _DEFAULT, pair_wise: Callable | None = _DEFAULT,
+                 holistic: Callable | None = None):
         pixel_wise = PixelWiseLoss() if pixel_wise is _DEFAULT else pixel_wise
         pair_wise = PairWiseLoss() if pair_wise is _DEFAULT else pair_wise
         self.lambda1 = check_float("lambda1", lambda1)
@@ -311,7 +310,7 @@ class StructuredObjective:
 
     def __call__(self, student_logits, teacher_logits, student_features=None, teacher_features=None, *,
                  task_loss=None, image=None, mask=None) -> ObjectiveTerms:
-        terms: Dict[str, torch.Tensor] = {}
+        terms: dict[str, torch.Tensor] = {}
         if task_loss is not None:
             terms["mc"] = task_loss
         if self.pixel_wise is not None:

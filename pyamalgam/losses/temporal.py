@@ -8,32 +8,30 @@ is vague, the docstrings say what we chose (and docs/distillation.md, "Temporal 
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_float, check_int
-from .._flow import warp
 from .. import ops
+from .._checks import check_float, check_int, check_map, frame_list
+from .._flow import warp
 from ..nn.convlstm import ConvLSTM
 
-__all__ = ["temporal_loss", "occlusion_weight", "pair_wise_frames_loss", "self_affinity",
-           "TemporalLoss", "PairWiseFramesLoss", "MultiFrameLoss"]
-
-
-def _map(name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name} must be (B, C, H, W), got shape {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+__all__ = [
+    "MultiFrameLoss",
+    "PairWiseFramesLoss",
+    "TemporalLoss",
+    "occlusion_weight",
+    "pair_wise_frames_loss",
+    "self_affinity",
+    "temporal_loss",
+]
 
 
 def _like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, channels: bool = True) -> None:
-    _map(name, t)
+    check_map(name, t)
     if (t.shape if channels else (t.shape[0], *t.shape[2:])) != (ref.shape if channels else (ref.shape[0], *ref.shape[2:])):
         what = "shape" if channels else "batch and spatial sizes"
         raise ValueError(f"{name} must have the {what} of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
@@ -50,7 +48,7 @@ def occlusion_weight(image_t: torch.Tensor, image_k: torch.Tensor, flow: torch.T
     ``exp(-50 ||.||^2)``; the thesis prints neither the 50 nor the square). Pixels whose flow
     leaves frame t+k get 0: they have no correspondence (the thesis does not say).
     """
-    _map("image_t", image_t)
+    check_map("image_t", image_t)
     _like("image_k", image_k, "image_t", image_t)
     with torch.no_grad():
         warped, inside = warp(image_k, flow.to(image_k.dtype))
@@ -59,8 +57,8 @@ def occlusion_weight(image_t: torch.Tensor, image_k: torch.Tensor, flow: torch.T
 
 
 def temporal_loss(q_t: torch.Tensor, q_k: torch.Tensor, flow: torch.Tensor, *,
-                  images: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                  visible: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  images: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  visible: torch.Tensor | None = None) -> torch.Tensor:
     """Motion-guided temporal loss, thesis Eq. 5.1: ``1/N sum_i V_i ||q_t^i - q^_{t+k->t}^i||_2^2``.
 
     ``q^_{t+k->t}`` is ``q_k`` backward-warped with ``flow`` (bilinear, ``grid_sample``). The sum
@@ -80,7 +78,7 @@ def temporal_loss(q_t: torch.Tensor, q_k: torch.Tensor, flow: torch.Tensor, *,
             the logits first, :class:`TemporalLoss` does).
         flow: (B, 2, H, W) from frame t to frame t+k, in pixels (:mod:`pyamalgam._flow`).
     """
-    _map("q_t", q_t)
+    check_map("q_t", q_t)
     _like("q_k", q_k, "q_t", q_t)
     if images is not None and visible is not None:
         raise ValueError("give images or visible, not both")
@@ -122,7 +120,7 @@ def self_affinity(f: torch.Tensor, patch: int = 1) -> torch.Tensor:
     L2-normalised (a zero node stays zero), in row-major order. Materialises N x N per image: the
     ConvLSTM convolves over it, so keep N small (a few hundred nodes) with ``patch``.
     """
-    _map("f", f)
+    check_map("f", f)
     patch = min(check_int("patch", patch, minimum=1), max(f.shape[2], f.shape[3], 1))
     if patch > 1:
         f = F.avg_pool2d(f, patch, patch, ceil_mode=True, count_include_pad=False)
@@ -136,8 +134,8 @@ class TemporalLoss(nn.Module):
     """Eq. 5.1 on logits: softmax over the classes, then :func:`temporal_loss`."""
 
     def forward(self, logits_t, logits_k, flow, *, images=None, visible=None):
-        _map("logits_t", logits_t)
-        _map("logits_k", logits_k)
+        check_map("logits_t", logits_t)
+        check_map("logits_k", logits_k)
         return temporal_loss(logits_t.softmax(1), logits_k.softmax(1), flow, images=images, visible=visible)
 
 
@@ -162,14 +160,8 @@ class PairWiseFramesLoss(nn.Module):
 
 
 def _frames(name: str, frames) -> list:
-    if isinstance(frames, torch.Tensor):
-        if frames.dim() != 5:
-            raise ValueError(f"{name} must be (B, T, C, H, W) or a sequence of (B, C, H, W), got shape {tuple(frames.shape)}")
-        frames = frames.unbind(1)
-    frames = list(frames)
-    if not frames:
-        raise ValueError(f"{name} must hold at least one frame")
-    _map(f"{name}[0]", frames[0])
+    frames = frame_list(name, frames)
+    check_map(f"{name}[0]", frames[0])
     for t, f in enumerate(frames[1:], start=1):
         _like(f"{name}[{t}]", f, f"{name}[0]", frames[0])
     return frames
@@ -198,7 +190,7 @@ class MultiFrameLoss(nn.Module):
             maps (N x N per frame is materialised). clip: weight bound. enlarge: weight of -||E^T||^2.
     """
 
-    def __init__(self, hidden: int = 16, kernel_size: int = 3, patch: int = 1, clip: Optional[float] = 0.1,
+    def __init__(self, hidden: int = 16, kernel_size: int = 3, patch: int = 1, clip: float | None = 0.1,
                  enlarge: float = 0.1):
         super().__init__()
         self.patch = check_int("patch", patch, minimum=1)
@@ -207,7 +199,7 @@ class MultiFrameLoss(nn.Module):
             raise ValueError(f"enlarge must be >= 0, got {self.enlarge}")
         self.convlstm = ConvLSTM(1, hidden, kernel_size, clip)
 
-    def clip_(self) -> "MultiFrameLoss":
+    def clip_(self) -> MultiFrameLoss:
         self.convlstm.clip_()
         return self
 

@@ -1,12 +1,12 @@
 """ConvLSTM (Shi et al., 2015; thesis 003's [124]), the recurrent unit of the multi-frame loss (thesis §5.3.2)."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .._checks import check_float, check_int
+from .._checks import check_float, check_int, frame_list
 
 __all__ = ["ConvLSTM"]
 
@@ -32,7 +32,7 @@ class ConvLSTM(nn.Module):
         clip: the weight bound (> 0), or None for no clipping.
     """
 
-    def __init__(self, in_channels: int = 1, hidden: int = 16, kernel_size: int = 3, clip: Optional[float] = 0.1):
+    def __init__(self, in_channels: int = 1, hidden: int = 16, kernel_size: int = 3, clip: float | None = 0.1):
         super().__init__()
         self.in_channels = check_int("in_channels", in_channels, minimum=1)
         self.hidden = check_int("hidden", hidden, minimum=1)
@@ -44,14 +44,14 @@ class ConvLSTM(nn.Module):
         self.clip_()
 
     @torch.no_grad()
-    def clip_(self) -> "ConvLSTM":
+    def clip_(self) -> ConvLSTM:
         """Clamp the weights and biases to ``[-clip, clip]`` in place (nothing when clip is None)."""
         if self.clip is not None:
             for p in self.parameters():
                 p.clamp_(-self.clip, self.clip)
         return self
 
-    def step(self, x: torch.Tensor, state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+    def step(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None):
         """One time step: ``x`` (B, in_channels, H, W) -> ``(h, c)``, each (B, hidden, H, W)."""
         if state is None:
             zeros = x.new_zeros(x.shape[0], self.hidden, *x.shape[2:])
@@ -64,13 +64,7 @@ class ConvLSTM(nn.Module):
     def forward(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
         """``maps``: a sequence of T maps (B, in_channels, H, W), or one (B, T, in_channels, H, W)
         tensor. Returns the embeddings E_1..E_T, (B, T, hidden); E_T = ``out[:, -1]``."""
-        if isinstance(maps, torch.Tensor):
-            if maps.dim() != 5:
-                raise ValueError(f"maps must be (B, T, C, H, W) or a sequence of (B, C, H, W), got shape {tuple(maps.shape)}")
-            maps = maps.unbind(1)
-        maps = list(maps)
-        if not maps:
-            raise ValueError("maps must hold at least one time step")
+        maps = frame_list("maps", maps, "time step")
         for t, x in enumerate(maps):
             if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
                 got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__

@@ -40,17 +40,22 @@ Odd H, W and 1x1 maps work (every stride-2 layer rounds up: ceil(H / 2)).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_int
+from .._checks import check_int, check_map
 
-__all__ = ["Discriminator", "SelfAttention2d", "RunningInputNorm", "check_critic_inputs", "discriminator_a2l4",
-           "discriminator_a0l4", "discriminator_a2l2"]
+__all__ = [
+    "Discriminator",
+    "RunningInputNorm",
+    "SelfAttention2d",
+    "check_critic_inputs",
+    "discriminator_a0l4",
+    "discriminator_a2l2",
+    "discriminator_a2l4",
+]
 
 _NORMS = ("layer", "none")
 _SCORE_MAPS = ("logits", "softmax")
@@ -59,7 +64,7 @@ _SCORE_MAPS = ("logits", "softmax")
 def check_critic_inputs(score_map, image, num_classes: int, in_chans: int, map_name: str = "score_map") -> None:
     """A clear error naming the argument unless ``score_map`` is (B, num_classes, H, W) floating
     point and ``image`` (B, in_chans, H, W) on its device (``image`` is not read when in_chans is 0)."""
-    _check_4d(map_name, score_map)
+    check_map(map_name, score_map)
     if score_map.shape[1] != num_classes:
         raise ValueError(f"{map_name} must have num_classes={num_classes} channels (the critic's), got shape "
                          f"{tuple(score_map.shape)}")
@@ -68,7 +73,7 @@ def check_critic_inputs(score_map, image, num_classes: int, in_chans: int, map_n
                          f"of no image is undefined")
     if in_chans == 0:
         return
-    _check_4d("image", image)
+    check_map("image", image)
     if image.shape[1] != in_chans:
         raise ValueError(f"image must have in_chans={in_chans} channels, got shape {tuple(image.shape)}")
     if (image.shape[0], *image.shape[2:]) != (score_map.shape[0], *score_map.shape[2:]):
@@ -76,15 +81,6 @@ def check_critic_inputs(score_map, image, num_classes: int, in_chans: int, map_n
                          f"first): image is {tuple(image.shape)}, {map_name} is {tuple(score_map.shape)}")
     if image.device != score_map.device:
         raise ValueError(f"image must be on the device of {map_name} ({score_map.device}), got {image.device}")
-
-
-def _check_4d(name, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name} must be (B, C, H, W), got shape {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
 def _distributed() -> bool:
@@ -235,23 +231,23 @@ class Discriminator(nn.Module):
         """The thesis' index of this critic, e.g. "A2L4"."""
         return f"A{self.attention_count}L{self.blocks_count}"
 
-    def _inputs(self, score_map: torch.Tensor, image: Optional[torch.Tensor]) -> torch.Tensor:
+    def _inputs(self, score_map: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
         check_critic_inputs(score_map, image, self.num_classes, self.in_chans)
         q = torch.softmax(score_map, dim=1) if self.score_map == "softmax" else score_map
         return q if self.in_chans == 0 else torch.cat([q, image.to(q.dtype)], dim=1)
 
-    def score_map_of(self, score_map: torch.Tensor, image: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def score_map_of(self, score_map: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
         """The critic's output map (B, 1, ceil(H / 2^m), ceil(W / 2^m)), before the average pool."""
         x = self._inputs(score_map, image)
         if self.input_norm is not None:
             x = self.input_norm(x)
         return self.head(self.body(x))
 
-    def forward(self, score_map: torch.Tensor, image: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, score_map: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
         return self.score_map_of(score_map, image).mean(dim=(1, 2, 3))
 
     @torch.no_grad()
-    def update_input_stats(self, score_map: torch.Tensor, image: Optional[torch.Tensor] = None) -> None:
+    def update_input_stats(self, score_map: torch.Tensor, image: torch.Tensor | None = None) -> None:
         """Fold this batch into the input normalisation's running statistics (no-op without one)."""
         if self.input_norm is not None:
             self.input_norm.update(self._inputs(score_map, image))
