@@ -3,7 +3,6 @@ pixel-exact precision / recall / F1 at a threshold."""
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -14,7 +13,7 @@ __all__ = ["EdgeMetric"]
 _KEYS = ("abs", "mse", "precision", "recall", "f1")
 
 
-def _map_batch(name: str, pred, target, mask) -> Tuple[torch.Tensor, torch.Tensor]:
+def _map_batch(name: str, pred, target, mask) -> tuple[torch.Tensor, torch.Tensor]:
     """The evaluated pixels of a (B, H, W) or (B, 1, H, W) map pair, as float64 vectors (pred, target).
 
     A pixel is evaluated where ``mask`` (if given) is True and ``target`` is finite; a non-finite
@@ -37,7 +36,29 @@ def _map_batch(name: str, pred, target, mask) -> Tuple[torch.Tensor, torch.Tenso
     return p, t
 
 
-class EdgeMetric:
+class _MapErrors:
+    """What the edge and key-point metrics share: float64 sums of |p - t| and (p - t)^2 over the
+    evaluated pixels, and int64 counts whose first is the number of those pixels."""
+
+    def reset(self) -> None:
+        """Forget everything seen so far."""
+        self._sums: torch.Tensor | None = None  # float64: sum |d|, sum d^2
+        self._counts: torch.Tensor | None = None  # int64: pixels, then the metric's own counts
+
+    @property
+    def num_pixels(self) -> int:
+        """Number of pixels evaluated so far."""
+        return 0 if self._counts is None else int(self._counts[0])
+
+    def _add(self, p: torch.Tensor, t: torch.Tensor, counts: torch.Tensor) -> None:
+        """Add one batch: its evaluated pixels ``p``, ``t`` (:func:`_map_batch`) and its ``counts``."""
+        d = p - t
+        sums = torch.stack([d.abs().sum(), (d * d).sum()])
+        self._sums = sums if self._sums is None else self._sums + sums.to(self._sums.device)
+        self._counts = counts if self._counts is None else self._counts + counts.to(self._counts.device)
+
+
+class EdgeMetric(_MapErrors):
     """Mean absolute / squared error of an edge map, and precision, recall, F1 of its pixels.
 
     Args:
@@ -63,28 +84,15 @@ class EdgeMetric:
     def __repr__(self) -> str:
         return f"EdgeMetric(threshold={self.threshold})"
 
-    def reset(self) -> None:
-        """Forget everything seen so far."""
-        self._sums: Optional[torch.Tensor] = None  # float64: sum |d|, sum d^2
-        self._counts: Optional[torch.Tensor] = None  # int64: pixels, true positives, predicted, true
-
-    @property
-    def num_pixels(self) -> int:
-        """Number of pixels evaluated so far."""
-        return 0 if self._counts is None else int(self._counts[0])
-
     @torch.no_grad()
-    def update(self, pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
+    def update(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Accumulate one batch (see the class docstring)."""
         p, t = _map_batch("EdgeMetric", pred, target, mask)
-        d = p - t
-        sums = torch.stack([d.abs().sum(), (d * d).sum()])
         pe, te = p >= self.threshold, t >= self.threshold
-        counts = torch.stack([torch.tensor(p.numel(), device=p.device), (pe & te).sum(), pe.sum(), te.sum()])
-        self._sums = sums if self._sums is None else self._sums + sums.to(self._sums.device)
-        self._counts = counts if self._counts is None else self._counts + counts.to(self._counts.device)
+        # counts: pixels, true positives, predicted, true
+        self._add(p, t, torch.stack([torch.tensor(p.numel(), device=p.device), (pe & te).sum(), pe.sum(), te.sum()]))
 
-    def compute(self) -> Dict[str, float]:
+    def compute(self) -> dict[str, float]:
         """Pixel-pooled metrics over everything seen since the last reset."""
         if self._sums is None:
             raise RuntimeError("EdgeMetric.compute() called before any update()")

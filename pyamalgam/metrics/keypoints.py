@@ -3,12 +3,11 @@ Abs."), the mean squared error, and a detection-style count (peaks matched withi
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .edges import _map_batch
+from .edges import _map_batch, _MapErrors
 from .segmentation import _check_mask
 
 __all__ = ["KeypointMetric", "heatmap_peaks"]
@@ -23,7 +22,7 @@ def heatmap_peaks(heat: torch.Tensor, threshold: float) -> torch.Tensor:
     return (heat.double() >= threshold) & (heat.double() >= pooled)
 
 
-class KeypointMetric:
+class KeypointMetric(_MapErrors):
     """Mean absolute / squared error of key-point heat-maps, and peak precision / recall.
 
     Args:
@@ -56,25 +55,12 @@ class KeypointMetric:
     def __repr__(self) -> str:
         return f"KeypointMetric(peak_threshold={self.peak_threshold}, radius={self.radius})"
 
-    def reset(self) -> None:
-        """Forget everything seen so far."""
-        self._sums: Optional[torch.Tensor] = None  # float64: sum |d|, sum d^2
-        self._counts: Optional[torch.Tensor] = None  # int64: pixels, pred peaks, correct, true peaks, found
-
-    @property
-    def num_pixels(self) -> int:
-        """Number of pixels evaluated so far."""
-        return 0 if self._counts is None else int(self._counts[0])
-
     @torch.no_grad()
-    def update(self, pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
+    def update(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Accumulate one batch (see the class docstring)."""
         p, t = _map_batch("KeypointMetric", pred, target, mask)
-        d = p - t
-        sums = torch.stack([d.abs().sum(), (d * d).sum()])
-        counts = torch.cat([torch.tensor([p.numel()], device=p.device), self._peak_counts(pred, target, mask)])
-        self._sums = sums if self._sums is None else self._sums + sums.to(self._sums.device)
-        self._counts = counts if self._counts is None else self._counts + counts.to(self._counts.device)
+        # counts: pixels, predicted peaks, correct, true peaks, found
+        self._add(p, t, torch.cat([torch.tensor([p.numel()], device=p.device), self._peak_counts(pred, target, mask)]))
 
     def _peak_counts(self, pred, target, mask) -> torch.Tensor:
         pred, target = (x.squeeze(1) if x.dim() == 4 and x.shape[1] == 1 else x for x in (pred, target))
@@ -87,7 +73,7 @@ class KeypointMetric:
         near = lambda peaks: F.max_pool2d(peaks[:, None].double(), k, stride=1, padding=self.radius)[:, 0] > 0
         return torch.stack([pp.sum(), (pp & near(tp)).sum(), tp.sum(), (tp & near(pp)).sum()])
 
-    def compute(self) -> Dict[str, float]:
+    def compute(self) -> dict[str, float]:
         """Metrics over everything seen since the last reset."""
         if self._sums is None:
             raise RuntimeError("KeypointMetric.compute() called before any update()")
