@@ -184,10 +184,16 @@ def _caption(results: Mapping) -> str:
     return (f"Measured on {results.get('device', '?')} ({results.get('threads', '?')} threads), data "
             f"{cfg.get('data', '?')} {res[0]}x{res[1]} (train {sizes.get('train', '?')}, unlabelled "
             f"{sizes.get('unlabelled', '?')}, test {sizes.get('test', '?')} images), width {cfg.get('width', '?')}, "
-            f"seed {results.get('seed', '?')}, {'quick' if results.get('quick') else 'full'} preset. "
-            f"Ratios are fractions, angles in degrees. In parentheses: Params as a share of the teachers', and "
+            f"seed {results.get('seed', '?')}, {'quick' if results.get('quick') else 'full'} preset"
+            f"{_lambdas(cfg)}. Ratios are fractions, angles in degrees. In parentheses: Params as a share of the teachers', and "
             f"each metric's relative gain over the TeacherNet row, signed so that + means a higher value, or a "
             f"lower one for abs rel, sq rel and angles; Δm is the mean of a row's gains (docs/demo.md).")
+
+
+def _lambdas(cfg: Mapping) -> str:
+    """", task lambdas depth 3 (others 1)" when the run weighs its tasks (``task_weights``)."""
+    weights = cfg.get("task_weights") or ""
+    return f", task lambdas {weights.replace('=', ' ').replace(',', ', ')} (others 1)" if weights else ""
 
 
 def _variants_note(results: Mapping) -> str:

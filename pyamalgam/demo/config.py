@@ -51,11 +51,19 @@ class DemoConfig:
     # extra Table 1 rows "TargetNet, Eq. 7 + PI"...: comma-separated term sets ("pi,pa,pi+pa"),
     # each one more block-wise fit of TargetNet-2 with those Amalgamator terms (docs/demo.md)
     structured_rows: str = ""
+    # lambda of each task in Eq. 6 / 8 / 9 ("depth=3"; unnamed tasks 1): the paper fixes no values
+    task_weights: str = ""
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["resolution"] = list(self.resolution)
         return d
+
+    def lambdas(self, names) -> dict:
+        """The Amalgamator's ``weights`` for the outputs ``names``: the tasks ``task_weights``
+        names among them (the others keep lambda = 1)."""
+        weights = {k: float(v) for k, v in (kv.split("=") for kv in filter(None, self.task_weights.split(",")))}
+        return {k: w for k, w in weights.items() if k in names}
 
     def __post_init__(self) -> None:
         self.validate()  # DemoConfig(...) and dataclasses.replace(...) never hold a bad value
@@ -164,6 +172,27 @@ def _structured_rows(name, value):
     return ",".join(rows)
 
 
+def _task_weights(name, value):
+    """``"depth=3"`` (or a mapping) as the canonical string: tasks of TASKS in that order, each
+    a finite lambda > 0; a lambda of 1 is dropped (it is the default)."""
+    if isinstance(value, dict):
+        value = ",".join(f"{k}={v}" for k, v in value.items())
+    if not isinstance(value, str):
+        raise TypeError(f"demo config: {name} must be a string like 'depth=3', got {type(value).__name__} {value!r}")
+    weights = {}
+    for item in filter(None, (p.strip() for p in value.split(","))):
+        task, sep, number = item.partition("=")
+        task = task.strip().lower()
+        if not sep or task not in TASKS or task in weights:
+            raise ValueError(f"demo config: {name}: {item!r} must be TASK=LAMBDA with a task of {list(TASKS)}, "
+                             f"each at most once (e.g. 'depth=3')")
+        try:
+            weights[task] = _real()(f"{name}[{task}]", float(number))
+        except ValueError:
+            raise ValueError(f"demo config: {name}[{task}] must be a finite number > 0, got {number.strip()!r}") from None
+    return ",".join(f"{t}={weights[t]:g}" for t in TASKS if weights.get(t, 1.0) != 1.0)
+
+
 _RULES = {
     "resolution": _resolution, "width": _real(MAX_WIDTH), "depth": _integer(1, MAX_DEPTH),
     "num_bins": _integer(2), "train_size": _integer(1), "unlabelled_size": _integer(1), "test_size": _integer(1),
@@ -173,6 +202,7 @@ _RULES = {
     "target_cache_mb": _integer(1),  # the stages precompute teacher targets: a cache is needed
     "eval_batch": _integer(1), "figure_samples": _integer(1), "num_workers": _integer(0),
     "channels_last": _flag, "data": _data, "structured_rows": _structured_rows,
+    "task_weights": _task_weights,
 }
 
 
@@ -201,7 +231,8 @@ def demo_config(quick: bool = False, device="cpu", **overrides) -> DemoConfig:
                          structured_rows="pi,pa,pi+pa")
     elif quick:  # the README's command on a 2-core CPU: every stage, small images, few steps
         cfg = DemoConfig(resolution=(64, 64), num_bins=16, train_size=320, unlabelled_size=320, test_size=64,
-                         teacher_steps=250, teacher_lr=3e-3, block_steps=40, finetune_steps=300, probe_images=16)
+                         teacher_steps=250, teacher_lr=3e-3, block_steps=40, finetune_steps=300, probe_images=16,
+                        task_weights="depth=3")  # at this budget depth lags with lambda 1 (docs/demo.md)
     else:
         cfg = DemoConfig()
     unknown = set(overrides) - {f.name for f in dataclasses.fields(DemoConfig)}

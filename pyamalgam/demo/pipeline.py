@@ -49,7 +49,8 @@ def _stage_teachers(tasks, cfg, train, data_key, out, device, seed, clock):
 def _stage_targetnet2(teachers, keys, cfg, unlabelled, out, device, seed, clock):
     """One block-wise fit (Eq. 6), then the Eq. 7 TargetNet and Decoder_b1..b5 (Table 1)."""
     tn2 = _Amalgamation("tn2", {t: teachers[t] for t in ("seg", "depth")}, {"seg": ["seg"], "depth": ["depth"]},
-                        cfg, unlabelled, [keys["seg"], keys["depth"], keys["unlabelled"]], out, device, seed, clock.progress)
+                        cfg, unlabelled, [keys["seg"], keys["depth"], keys["unlabelled"]], out, device, seed, clock.progress,
+                        weights=cfg.lambdas(("seg", "depth")))
     tn2.fit()
     clock.mark("TargetNet-2 block-wise fit (Eq. 6)", tn2.cached)
     target2, points2 = tn2.target("eq7")
@@ -76,7 +77,7 @@ def _stage_structured(teachers, keys, cfg, unlabelled, out, device, seed, clock)
         am = _Amalgamation(f"tn2_{row.replace('+', '_')}", {t: teachers[t] for t in ("seg", "depth")},
                            {"seg": ["seg"], "depth": ["depth"]}, cfg, unlabelled,
                            [keys["seg"], keys["depth"], keys["unlabelled"]], out, device, seed, clock.progress,
-                           terms={t: {} for t in row.split("+")})
+                           terms={t: {} for t in row.split("+")}, weights=cfg.lambdas(("seg", "depth")))
         am.fit()
         rows[row] = (am, am.target("eq7")[0])
         clock.mark(f"TargetNet-2 + {row.upper()} (Eq. 6/7 with structured terms)",
@@ -94,15 +95,17 @@ def _stage_targetnet3(teachers, keys, tn2, target2, cfg, unlabelled, out, device
     """TargetNet-3 offline (Eq. 8: the three teachers) and online (Eq. 9: TargetNet-2 + NormNet)."""
     tasks = tuple(teachers)
     off = _Amalgamation("tn3_offline", dict(teachers), {t: [t] for t in tasks}, cfg, unlabelled,
-                        [*(keys[t] for t in tasks), keys["unlabelled"]], out, device, seed, clock.progress)
+                        [*(keys[t] for t in tasks), keys["unlabelled"]], out, device, seed, clock.progress,
+                        weights=cfg.lambdas(tasks))
     off.fit()
     net_off = off.target("eq7")[0]
     clock.mark("TargetNet-3 offline (Eq. 8)", off.cached and off.results["eq7"]["cached"])
-    # a copy: the online amalgamation freezes its teachers, and target2 is still evaluated
+    # a copy: the online amalgamation freezes its teachers, and target2 is still evaluated; TargetNet-2
+    # keeps its own Eq. 6 lambdas (Eq. 9's L_u2), so only the normal task's lambda is given here
     upstream = [tn2.key, tn2.results["eq7"]["points"], cfg.finetune_steps, keys["normal"]]
     on = _Amalgamation("tn3_online", {"tn2": copy.deepcopy(target2), "normal": teachers["normal"]},
                        {"tn2": ["seg", "depth"], "normal": ["normal"]}, cfg, unlabelled, upstream, out, device, seed,
-                       clock.progress)
+                       clock.progress, weights=cfg.lambdas(("normal",)))
     on.fit()
     net_on = on.target("eq7")[0]
     clock.mark("TargetNet-3 online (Eq. 9)", on.cached and on.results["eq7"]["cached"])

@@ -187,14 +187,16 @@ class _Amalgamation:
     """One Amalgamator and its cache directory: a block-wise fit shared by several TargetNets."""
 
     def __init__(self, name, teachers, outputs, cfg, unlabelled, upstream_key, out: Path, device, seed, progress,
-                 terms=None):
+                 terms=None, weights=None):
         self.name, self.cfg, self.terms = name, cfg, terms  # terms: the Amalgamator's structured terms (issue 12)
+        self.weights = dict(weights or {})  # lambda per output name (Eq. 6 / 8 / 9), cfg.task_weights
         self.seed, self.finetune_seed = seed + SEED_OFFSETS["fit"], seed + SEED_OFFSETS["finetune"]
         self.outputs = outputs  # teacher key -> output names (for the report)
         self.dir = out / "stages" / name
         self.unlabelled = unlabelled
         self.key = _key("fit", name, upstream_key, cfg.block_steps, cfg.amalgam_lr, cfg.amalgam_optimizer,
-                        cfg.batch_size, cfg.probe_images, cfg.channels_last, seed, *([terms] if terms else []))
+                        cfg.batch_size, cfg.probe_images, cfg.channels_last, seed, *([terms] if terms else []),
+                        *([sorted(self.weights.items())] if self.weights else []))
         self.key_file = self.dir / "key.json"
         state = _read_json(self.key_file)
         stale = state.get("key") != self.key
@@ -213,7 +215,8 @@ class _Amalgamation:
         torch.manual_seed(self.seed)  # the channel codings' initialisation is this stage's first draw
         return Amalgamator(self.teachers, lr=cfg.amalgam_lr, optimizer=cfg.amalgam_optimizer, device=self.device,
                            channels_last=cfg.channels_last, checkpoint_dir=self.dir, progress=self.progress,
-                           cache_targets=cfg.target_cache_mb * 2**20, terms=self.terms)
+                           cache_targets=cfg.target_cache_mb * 2**20, terms=self.terms,
+                           weights=self.weights or None)
 
     def _warm_cache(self) -> None:
         """Teacher targets of every unlabelled image, once (unshuffled: no random draw)."""

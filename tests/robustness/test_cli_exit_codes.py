@@ -232,7 +232,7 @@ BAD_FIELDS = {  # one bad value per DemoConfig field
     "test_size": 1.5, "batch_size": True, "teacher_steps": "10", "teacher_lr": float("inf"), "block_steps": 0,
     "finetune_steps": None, "finetune_variants": 1, "amalgam_lr": 0.0, "amalgam_optimizer": "lbfgs",
     "probe_images": 0, "target_cache_mb": 0, "eval_batch": 0, "figure_samples": 0, "num_workers": -1,
-    "channels_last": "yes", "data": "nyuv2", "structured_rows": "pi+bogus",
+    "channels_last": "yes", "data": "nyuv2", "structured_rows": "pi+bogus", "task_weights": "depth=-1",
 }
 
 
