@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -111,6 +114,21 @@ def torch_threads(n: int = 1):
         torch.set_num_threads(before)
 
 
+def assert_compiled_matches(fn, reference, args, backend: str, *, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    """``torch.compile(fn, fullgraph=True, backend=backend)`` on ``args`` (tensors) gives the value
+    of ``reference`` (the eager float64 / plain-PyTorch version) and the same gradient for every
+    argument; each side runs on copies of ``args`` that require grad (``fn`` returns a scalar)."""
+    torch._dynamo.reset()
+    mine, theirs = ([a.detach().clone().requires_grad_() for a in args] for _ in range(2))
+    out = torch.compile(fn, fullgraph=True, backend=backend)(*mine)
+    out.backward()
+    expected = reference(*theirs)
+    expected.backward()
+    torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
+    for a, b in zip(mine, theirs, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol)
+
+
 # ----------------------------------------------------------------- interruption harness (resume tests)
 
 class Interrupt(Exception):
@@ -164,3 +182,89 @@ def kill_9_when(proc, ready, stderr_path, what: str, timeout: float = 120.0, pol
     finally:
         proc.kill()
         proc.wait()
+
+
+def kill_9_then_resume(script: str, folder, helpers, *, at: int, total: int, delay: float, env: dict,
+                       timeout: float = 300.0) -> tuple:
+    """A trainer's ``kill -9`` resume test: (the step the first run was killed at, the resumed
+    run's result).
+
+    ``script`` is the child's Python source; its arguments are the run folder, ``helpers`` (a
+    folder for ``sys.path``: the tests' shared cases) and a delay in seconds per data item. It
+    trains ``total`` steps into the run folder with a checkpoint after every step and writes
+    ``result.json`` there when done. The first run, slowed down by ``delay``, is killed with
+    SIGKILL once its checkpoint reaches step ``at``; the test fails unless it died there, inside
+    the run (``at <= step < total``, no result). The second run, at full speed, resumes.
+    """
+    folder = Path(folder)
+    child, out, stderr = folder / "child.py", folder / "run", folder / "stderr.txt"
+    child.write_text(script)
+    out.mkdir()
+    cmd = [sys.executable, "-P", str(child), str(out), str(helpers)]
+    env = {**env, "OMP_NUM_THREADS": "1"}
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen([*cmd, str(delay)], env=env, stderr=err, cwd=folder)
+    checkpoint = out / "last.safetensors"
+    kill_9_when(proc, lambda: (checkpoint_step(checkpoint) or 0) >= at, stderr, f"no checkpoint after step {at}",
+                timeout=timeout)
+    killed_at = checkpoint_step(checkpoint)
+    assert proc.returncode == -signal.SIGKILL, f"the child ended with {proc.returncode}, not by SIGKILL"
+    assert at <= killed_at < total and not (out / "result.json").exists(), f"killed at step {killed_at} of {total}"
+    done = subprocess.run([*cmd, "0"], env=env, cwd=folder, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return killed_at, json.loads((out / "result.json").read_text())
+
+
+# ----------------------------------------------------------------- torchrun harness (DDP tests)
+
+def gloo_available() -> bool:
+    """torch.distributed with the gloo backend (what the CPU DDP tests run on)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_gloo_available()
+
+
+def run_torchrun(script: str, folder, *args, env: dict, nproc: int = 2, timeout: float = 300.0) -> list:
+    """Run ``script`` (Python source) on ``nproc`` CPU processes under ``torchrun --standalone``
+    in ``folder``; its arguments are ``folder`` and ``args``. Rank r writes
+    ``folder/result{r}.json``; the results are returned in rank order. The test fails (with the
+    ranks' output) unless every rank succeeds."""
+    folder = Path(folder)
+    path = folder / "ranks.py"
+    path.write_text(script)
+    cmd = [sys.executable, "-P", "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(path), str(folder), *map(str, args)]
+    proc = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=timeout, cwd=folder, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads((folder / f"result{r}.json").read_text()) for r in range(nproc)]
+
+
+def record_step_terms(trainer) -> list:
+    """From now on, each step's terms as this process computes them (floats, before the engine
+    averages them over ranks), in a list that grows as the trainer runs; the trainer's
+    ``_step_loss`` (what the engine calls each step) is wrapped."""
+    seen = []
+    step_loss = trainer._step_loss
+
+    def recording(trainable, batch):
+        loss, terms = step_loss(trainable, batch)
+        seen.append({k: float(v) for k, v in terms.items()})
+        return loss, terms
+
+    trainer._step_loss = recording
+    return seen
+
+
+def assert_logged_mean_over_ranks(logged: dict, per_rank: list, window: int) -> None:
+    """``logged`` (a run's logged losses) is what the engine documents: each term's mean over the
+    phase's last ``window`` steps (the last epoch) on each rank, averaged over the ranks
+    (``per_rank``: :func:`record_step_terms` of every rank); and the ranks did see different data."""
+    import pytest
+
+    means = [{k: sum(s[k] for s in steps[-window:]) / window for k in steps[-1]} for steps in per_rank]
+    assert set(logged) == set(means[0]), (sorted(logged), sorted(means[0]))
+    assert means[0] != means[1], "the ranks computed the same terms: they did not read different batches"
+    expected = {k: sum(m[k] for m in means) / len(means) for k in logged}
+    assert logged == pytest.approx(expected, rel=1e-5, abs=1e-7)

@@ -1,5 +1,6 @@
 """Shared pieces of the Distiller tests (also imported by their child processes): tiny networks,
-a labelled toy data set, and a fake holistic term with HolisticDistillation's interface."""
+a labelled toy data set, a fake holistic term with HolisticDistillation's interface, and the
+video trainer's clips and VideoDistiller."""
 from __future__ import annotations
 
 import time
@@ -12,6 +13,7 @@ from torch.utils.data import DataLoader
 from pyamalgam._testing import tiny_net
 
 H, W = 32, 32
+T = 3  # frames per clip
 
 
 def nets(task="segmentation", teacher_width=1 / 8, student_width=1 / 16):
@@ -120,3 +122,47 @@ def digest_all(d) -> dict:
     if isinstance(d.holistic, nn.Module):
         out["ho"] = state_digest(d.holistic)
     return out
+
+
+# ------------------------------------------------------------------ video (thesis ch. 5)
+
+VIDEO_ALL = ("pi", "pa", "pf", "mf", "tl")
+
+
+class Clips(torch.utils.data.Dataset):
+    """``n`` random 3-frame clips (5 classes, the middle frame labelled), a random flow of a few
+    pixels and a random visibility mask; ``delay`` seconds per item slow a run down to be killed."""
+
+    def __init__(self, n=8, seed=0, delay=0.0):
+        g = torch.Generator().manual_seed(seed)
+        self.image = torch.rand(n, T, 3, H, W, generator=g)
+        self.seg = torch.full((n, T, H, W), 255, dtype=torch.int64)
+        self.seg[:, 1] = torch.randint(0, 5, (n, H, W), generator=g)
+        self.flow = 3 * torch.randn(n, T - 1, 2, H, W, generator=g)
+        self.valid = torch.rand(n, T - 1, H, W, generator=g) > 0.2
+        self.delay = delay
+
+    def __len__(self):
+        return len(self.image)
+
+    def __getitem__(self, i):
+        if self.delay:
+            time.sleep(self.delay)
+        return {"image": self.image[i], "seg": self.seg[i], "flow": self.flow[i], "flow_valid": self.valid[i]}
+
+
+def clip_loader(n=8, delay=0.0, data=None, distributed=False):
+    """Batches of 2 clips, shuffled by a generator of their own (a DistributedSampler when ``distributed``)."""
+    data = data if data is not None else Clips(n, delay=delay)
+    if distributed:
+        return DataLoader(data, batch_size=2, sampler=torch.utils.data.DistributedSampler(data, seed=1))
+    return DataLoader(data, batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(1))
+
+
+def video_distiller(checkpoint_dir=None, terms=VIDEO_ALL, **kwargs):
+    """A VideoDistiller of the tiny pair (Adam, lr 1e-3), every term of Eq. 5.3 by default."""
+    from pyamalgam.distill.video import VideoDistiller
+
+    teacher, student = nets()
+    return VideoDistiller(teacher, student, terms=terms, optimizer="adam", lr=1e-3, progress=False,
+                          checkpoint_dir=checkpoint_dir, **kwargs)

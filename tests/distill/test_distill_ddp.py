@@ -1,16 +1,12 @@
 """Two gloo ranks under torchrun: the Distiller's student, connector and critic end identical on
 both ranks, the logged (averaged) losses agree, and only rank 0 writes."""
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch.distributed as dist
 
-pytestmark = pytest.mark.skipif(
-    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is unavailable"
-)
+from pyamalgam._testing import gloo_available, run_torchrun
+
+pytestmark = pytest.mark.skipif(not gloo_available(), reason="torch.distributed with gloo is unavailable")
 
 HERE = Path(__file__).parent
 # Each rank gets its own checkpoint_dir so that a write by rank 1 would show.
@@ -33,14 +29,7 @@ dist.destroy_process_group()
 
 @pytest.mark.slow
 def test_two_gloo_ranks_end_identical_and_only_rank_0_writes(tmp_path, pyamalgam_env):
-    script = tmp_path / "fit.py"
-    script.write_text(SCRIPT)
-    cmd = [sys.executable, "-P", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           str(tmp_path), str(HERE)]
-    proc = subprocess.run(cmd, env={**pyamalgam_env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r0, r1 = (json.loads((tmp_path / f"result{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = run_torchrun(SCRIPT, tmp_path, HERE, env=pyamalgam_env)
     assert r0["world_size"] == 2 and r0 == r1  # weights, BatchNorm buffers, connector, critic, averaged losses
     assert sorted(p.name for p in (tmp_path / "rank0").iterdir()) == ["distill.jsonl", "last.safetensors"]
     assert not (tmp_path / "rank1").exists()

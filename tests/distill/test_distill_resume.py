@@ -3,9 +3,6 @@ an epoch, ends with the uninterrupted run's weights (student, connector, critic)
 losses bit for bit; a checkpoint of another setup, another plan or a corrupt file is refused
 before anything changes."""
 import json
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +10,7 @@ import torch
 from _distill_cases import Scenes, digest_all, distiller, loader
 from torch.utils.data import DataLoader
 
-from pyamalgam._testing import FailingAt, Interrupt, checkpoint_step, kill_9_when
+from pyamalgam._testing import FailingAt, Interrupt, checkpoint_step, kill_9_then_resume
 from pyamalgam.engine import CorruptFileError, load_checkpoint, save_checkpoint
 
 HERE = Path(__file__).parent
@@ -72,21 +69,8 @@ def test_resume_after_an_interruption_is_bit_identical(tmp_path, reference, at):
 
 @pytest.mark.slow
 def test_kill_9_mid_epoch_then_resume_is_bit_identical(tmp_path, reference, pyamalgam_env):
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
-    out = tmp_path / "run"
-    out.mkdir()
-    cmd = [sys.executable, "-P", str(script), str(out), str(HERE)]
-    env = {**pyamalgam_env, "OMP_NUM_THREADS": "1"}
-    with open(tmp_path / "stderr.txt", "w") as err:
-        proc = subprocess.Popen([*cmd, "0.03"], env=env, stderr=err, cwd=tmp_path)
-    kill_9_when(proc, lambda: (checkpoint_step(out / "last.safetensors") or 0) >= 5,  # inside epoch 2
-                tmp_path / "stderr.txt", "no checkpoint after step 5")
-    killed_at = checkpoint_step(out / "last.safetensors")
-    assert proc.returncode == -signal.SIGKILL and 5 <= killed_at < 8 and not (out / "result.json").exists()
-    done = subprocess.run([*cmd, "0"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = json.loads((out / "result.json").read_text())
+    killed_at, got = kill_9_then_resume(CHILD, tmp_path, HERE, at=5, total=8, delay=0.03,  # inside epoch 2
+                                        env=pyamalgam_env, timeout=120)
     assert got.pop("steps") == 8 - killed_at  # resumed from the last checkpoint
     assert got == reference
 

@@ -3,23 +3,21 @@ micro preset end to end, every row's terms active and weighted by lambda, the ra
 policy, bit-identical resume after an interruption and after ``kill -9``, and bad arguments."""
 import argparse
 import json
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from _distill_cases import nets
-from torch.utils.data import DataLoader
-
-from pyamalgam._testing import (
-    FailingAt,
-    Interrupt,
-    checkpoint_step,
-    kill_9_when,
-    state_digest,
+from _distill_cases import (
+    VIDEO_ALL,
+    Clips,
+    T,
+    clip_loader,
+    digest_all,
+    nets,
+    video_distiller,
 )
+
+from pyamalgam._testing import FailingAt, Interrupt, checkpoint_step, kill_9_then_resume
 from pyamalgam.distill import video_ablation
 from pyamalgam.distill.command import add_parser, check
 from pyamalgam.distill.video import LAMBDA, RandomSampledTriplets, VideoDistiller
@@ -30,47 +28,6 @@ from pyamalgam.distill.video_ablation import (
 )
 
 HERE = Path(__file__).parent
-T, H, W = 3, 32, 32
-
-
-class Clips(torch.utils.data.Dataset):
-    """``n`` random 3-frame clips (5 classes, the middle frame labelled), a random flow of a few
-    pixels and a random visibility mask; ``delay`` seconds per item slow a run down to be killed."""
-
-    def __init__(self, n=8, seed=0, delay=0.0):
-        g = torch.Generator().manual_seed(seed)
-        self.image = torch.rand(n, T, 3, H, W, generator=g)
-        self.seg = torch.full((n, T, H, W), 255, dtype=torch.int64)
-        self.seg[:, 1] = torch.randint(0, 5, (n, H, W), generator=g)
-        self.flow = 3 * torch.randn(n, T - 1, 2, H, W, generator=g)
-        self.valid = torch.rand(n, T - 1, H, W, generator=g) > 0.2
-        self.delay = delay
-
-    def __len__(self):
-        return len(self.image)
-
-    def __getitem__(self, i):
-        if self.delay:
-            __import__("time").sleep(self.delay)
-        return {"image": self.image[i], "seg": self.seg[i], "flow": self.flow[i], "flow_valid": self.valid[i]}
-
-
-def loader(n=8, delay=0.0, data=None):
-    return DataLoader(data if data is not None else Clips(n, delay=delay), batch_size=2, shuffle=True,
-                      generator=torch.Generator().manual_seed(1))
-
-
-ALL = ("pi", "pa", "pf", "mf", "tl")
-
-
-def video_distiller(checkpoint_dir=None, terms=ALL, **kwargs):
-    teacher, student = nets()
-    return VideoDistiller(teacher, student, terms=terms, optimizer="adam", lr=1e-3, progress=False,
-                          checkpoint_dir=checkpoint_dir, **kwargs)
-
-
-def digest(d):
-    return {"student": state_digest(d.student), "terms": state_digest(d.step_module.losses)}
 
 
 # ------------------------------------------------------------------ the table, end to end
@@ -102,7 +59,7 @@ def test_the_files_hold_the_table_the_results_and_the_clip_figure(table):
     assert all(label in md for label, _ in VIDEO_ROWS) and "| teacher |" in md and "±" in md and "TC (%)" in md
     assert md.count("✓") == 1 + 1 + 1 + 1 + 4  # the SF, PF, MF, TL columns of Table 5.1's rows b-e and j
     saved = json.loads((out / "video.json").read_text())
-    assert saved["rows"][-1]["terms"] == list(ALL) and saved["config"]["lam"] == LAMBDA
+    assert saved["rows"][-1]["terms"] == list(VIDEO_ALL) and saved["config"]["lam"] == LAMBDA
     assert (out / "video.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -110,11 +67,11 @@ def test_the_files_hold_the_table_the_results_and_the_clip_figure(table):
 
 def test_eq_5_3_is_the_cross_entropy_plus_lambda_times_every_term():
     d = video_distiller()
-    batch = next(iter(loader()))
+    batch = next(iter(clip_loader()))
     values = d.losses(batch)
-    assert set(values) == {*ALL, "mc", "labelled", "total"}
-    assert d.weights == dict.fromkeys(ALL, LAMBDA)
-    expected = values["mc"] + LAMBDA * sum(values[t] for t in ALL)
+    assert set(values) == {*VIDEO_ALL, "mc", "labelled", "total"}
+    assert d.weights == dict.fromkeys(VIDEO_ALL, LAMBDA)
+    expected = values["mc"] + LAMBDA * sum(values[t] for t in VIDEO_ALL)
     assert values["total"] == pytest.approx(expected, rel=1e-5)
     assert values["tl"] > 0 and values["pf"] > 0 and values["pi"] > 0
 
@@ -123,14 +80,14 @@ def test_the_baseline_skips_the_teacher_and_a_term_of_ones_own_weight_is_kept():
     d = video_distiller(terms={})
     calls = []
     d.teacher.register_forward_hook(lambda *a: calls.append(1))
-    values = d.losses(next(iter(loader())))
+    values = d.losses(next(iter(clip_loader())))
     assert set(values) == {"mc", "labelled", "total"} and values["total"] == values["mc"] and not calls
     d = video_distiller(terms={"tl": 2.0, "pf": {"weight": 0.5, "patch": 2}})
     assert d.weights == {"tl": 2.0, "pf": 0.5}
 
 
 def test_tl_reads_the_exact_visibility_or_the_image_based_weight():
-    batch = next(iter(loader()))
+    batch = next(iter(clip_loader()))
     exact = video_distiller(terms={"tl": {"occlusion": "exact"}}).losses(batch)["tl"]
     auto = video_distiller(terms={"tl": None}).losses(batch)["tl"]
     image = video_distiller(terms={"tl": {"occlusion": "image"}}).losses(batch)["tl"]
@@ -141,7 +98,7 @@ def test_tl_reads_the_exact_visibility_or_the_image_based_weight():
 
 
 def test_a_flow_estimator_stands_in_for_a_missing_flow():
-    batch = next(iter(loader()))
+    batch = next(iter(clip_loader()))
     seen = []
 
     def estimator(a, b):
@@ -182,14 +139,14 @@ def test_the_random_sample_policy_draws_every_triplet_around_the_labelled_frame(
 
 def run(checkpoint_dir=None, data=None):
     d = video_distiller(checkpoint_dir, checkpoint_every=1)
-    d.fit(loader(data=data), 2)
+    d.fit(clip_loader(data=data), 2)
     return d
 
 
 @pytest.fixture(scope="module")
 def reference():
     d = run()
-    return {**digest(d), "losses": d.history[-1]["losses"]}
+    return {**digest_all(d), "losses": d.history[-1]["losses"]}
 
 
 def test_an_interrupted_video_run_resumes_bit_identical(tmp_path, reference):
@@ -197,7 +154,7 @@ def test_an_interrupted_video_run_resumes_bit_identical(tmp_path, reference):
         run(tmp_path, FailingAt(Clips(8), 11))  # in the second epoch (4 steps an epoch)
     assert checkpoint_step(tmp_path / "last.safetensors") >= 4
     d = run(tmp_path)
-    assert {**digest(d), "losses": d.history[-1]["losses"]} == reference
+    assert {**digest_all(d), "losses": d.history[-1]["losses"]} == reference
     assert "terms/mf.convlstm.gates.weight" in __import__("pyamalgam.engine", fromlist=["x"]).load_checkpoint(
         tmp_path / "last.safetensors")[0]
 
@@ -205,7 +162,7 @@ def test_an_interrupted_video_run_resumes_bit_identical(tmp_path, reference):
 def test_a_checkpoint_of_other_video_terms_is_refused(tmp_path):
     run(tmp_path)
     with pytest.raises(ValueError, match="different setup"):
-        video_distiller(tmp_path, terms={**dict.fromkeys(ALL), "tl": 0.2}).fit(loader(), 2)
+        video_distiller(tmp_path, terms={**dict.fromkeys(VIDEO_ALL), "tl": 0.2}).fit(clip_loader(), 2)
 
 
 CHILD = """
@@ -213,31 +170,19 @@ import json, sys
 sys.path.insert(0, sys.argv[2])
 import torch
 torch.set_num_threads(1)
-from test_video import Clips, digest, loader, video_distiller
+from _distill_cases import clip_loader, digest_all, video_distiller
 d = video_distiller(sys.argv[1], checkpoint_every=1)
-d.fit(loader(delay=float(sys.argv[3])), 2)
+d.fit(clip_loader(delay=float(sys.argv[3])), 2)
 with open(sys.argv[1] + "/result.json", "w") as f:
-    json.dump({**digest(d), "losses": d.history[-1]["losses"]}, f)
+    json.dump({**digest_all(d), "losses": d.history[-1]["losses"]}, f)
 """
 
 
 @pytest.mark.slow
 def test_kill_9_mid_video_run_then_resume_is_bit_identical(tmp_path, reference, pyamalgam_env):
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
-    out = tmp_path / "run"
-    out.mkdir()
-    cmd = [sys.executable, "-P", str(script), str(out), str(HERE)]
-    env = {**pyamalgam_env, "OMP_NUM_THREADS": "1"}
-    with open(tmp_path / "stderr.txt", "w") as err:
-        proc = subprocess.Popen([*cmd, "0.05"], env=env, stderr=err, cwd=tmp_path)
-    kill_9_when(proc, lambda: (checkpoint_step(out / "last.safetensors") or 0) >= 5,
-                tmp_path / "stderr.txt", "no checkpoint after step 5", timeout=300)  # a loaded CI machine
-    assert proc.returncode == -signal.SIGKILL and 5 <= checkpoint_step(out / "last.safetensors") < 8
-    done = subprocess.run([*cmd, "0"], check=False, env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((out / "result.json").read_text()) == reference
+    # killed inside epoch 2 (4 steps an epoch); a long timeout for a loaded CI machine
+    _, result = kill_9_then_resume(CHILD, tmp_path, HERE, at=5, total=8, delay=0.05, env=pyamalgam_env, timeout=300)
+    assert result == reference
 
 
 # ------------------------------------------------------------------ bad input
@@ -264,7 +209,7 @@ def test_bad_networks_batches_and_settings():
     with pytest.raises(ValueError, match="lam must be"):
         video_distiller(lam=float("nan"))
     d = video_distiller(terms=("tl",))
-    batch = next(iter(loader()))
+    batch = next(iter(clip_loader()))
     with pytest.raises(ValueError, match="clips \\(B, T, C, H, W\\)"):
         d.losses({"image": batch["image"][:, 0]})
     with pytest.raises(KeyError, match="batch\\['flow'\\]"):

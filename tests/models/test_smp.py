@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from pyamalgam._testing import torch_threads
 from pyamalgam.models import BlockNetwork, BlockTrunk, block_shapes, from_smp, missing_members
 from pyamalgam.models.protocol import count_parameters
 
@@ -21,10 +22,8 @@ def smp():
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def unet(smp, classes=5, encoder="resnet18", depth=3, seed=0, **kwargs):

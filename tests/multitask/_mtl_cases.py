@@ -46,9 +46,12 @@ class Labelled(torch.utils.data.Dataset):
                 "mask": self.mask[i]}
 
 
-def loader(n=8, batch=4, seed=0, delay=0.0):
-    return DataLoader(Labelled(n, seed, delay), batch_size=batch, shuffle=True,
-                      generator=torch.Generator().manual_seed(seed + 1))
+def loader(n=8, batch=4, seed=0, delay=0.0, distributed=False):
+    """Shuffled batches, by a generator of their own (a DistributedSampler when ``distributed``)."""
+    data = Labelled(n, seed, delay)
+    if distributed:
+        return DataLoader(data, batch_size=batch, sampler=torch.utils.data.DistributedSampler(data, seed=seed + 1))
+    return DataLoader(data, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(seed + 1))
 
 
 def digest(tr) -> str:

@@ -2,11 +2,6 @@
 resumes bit for bit (an interruption in-process, and ``kill -9`` of a child process), refuses
 another setup, and gives clear errors for inconsistent task sets."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,8 +9,13 @@ import torch
 from _mtl_cases import Labelled, digest, loader, tiny_mtl
 from torch.utils.data import DataLoader
 
-from pyamalgam._testing import tiny_net
-from pyamalgam.engine import load_checkpoint
+from pyamalgam._testing import (
+    FailingAt,
+    Interrupt,
+    checkpoint_step,
+    kill_9_then_resume,
+    tiny_net,
+)
 from pyamalgam.multitask import MultiTaskTrainer, SelfDistillation
 
 HERE = Path(__file__).parent
@@ -50,22 +50,6 @@ def test_every_configuration_trains_and_logs(tmp_path, kwargs):
     assert ("sd/feature" in record["losses"]) == (kwargs.get("sd", SD) is not None)
 
 
-class _Interrupt(Exception):
-    pass
-
-
-class _Failing(Labelled):
-    def __init__(self, at):
-        super().__init__(8)
-        self.at, self.fetched = at, 0
-
-    def __getitem__(self, i):
-        self.fetched += 1
-        if self.fetched == self.at:
-            raise _Interrupt
-        return super().__getitem__(i)
-
-
 @pytest.fixture(scope="module")
 def reference():
     tr = trainer(weighting="dwa")
@@ -75,10 +59,11 @@ def reference():
 
 @pytest.mark.parametrize("at", [7, 14])  # inside epoch 1; inside epoch 2 (DWA's state is checkpointed too)
 def test_resume_after_an_interruption_is_bit_identical(tmp_path, reference, at):
-    failing = DataLoader(_Failing(at), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1))
-    with pytest.raises(_Interrupt):
+    failing = DataLoader(FailingAt(Labelled(8), at), batch_size=4, shuffle=True,
+                         generator=torch.Generator().manual_seed(1))
+    with pytest.raises(Interrupt):
         trainer(tmp_path, weighting="dwa").fit(failing, 2)
-    step = load_checkpoint(tmp_path / "last.safetensors")[1]["step"]
+    step = checkpoint_step(tmp_path / "last.safetensors")
     assert 0 < step < 4
     tr = trainer(tmp_path, weighting="dwa")
     tr.fit(loader(), 2)
@@ -103,38 +88,9 @@ with open(sys.argv[1] + "/result.json", "w") as f:
 
 @pytest.mark.slow  # two child processes (as tests/distill's kill -9 test)
 def test_kill_9_mid_epoch_then_resume_is_bit_identical(tmp_path, reference, pyamalgam_env):
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
-    out = tmp_path / "run"
-    out.mkdir()
-    cmd = [sys.executable, "-P", str(script), str(out), str(HERE)]
-    env = {**pyamalgam_env, "OMP_NUM_THREADS": "1"}
-    with open(tmp_path / "stderr.txt", "w") as err:
-        proc = subprocess.Popen([*cmd, "0.25"], env=env, stderr=err, cwd=tmp_path)
-    try:
-        deadline = time.monotonic() + 600
-        while (_step(out / "last.safetensors") or 0) < 2:  # past the first epoch (2 steps of 4)
-            assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()
-            assert time.monotonic() < deadline, "no checkpoint after step 2"
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    killed_at = _step(out / "last.safetensors")
-    assert proc.returncode == -signal.SIGKILL and 2 <= killed_at < 4 and not (out / "result.json").exists()
-    done = subprocess.run([*cmd, "0"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                          check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = json.loads((out / "result.json").read_text())
+    # killed past the first epoch (2 steps of 4); long timeouts for a loaded machine
+    _, got = kill_9_then_resume(CHILD, tmp_path, HERE, at=2, total=4, delay=0.25, env=pyamalgam_env, timeout=600)
     assert (got["digest"], got["losses"]) == reference
-
-
-def _step(path):
-    try:
-        return load_checkpoint(path)[1]["step"]
-    except (FileNotFoundError, ValueError):
-        return None
 
 
 def test_resume_refuses_another_setup(tmp_path):

@@ -12,7 +12,7 @@ from _cases import as_layout, assert_matches_reference
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from pyamalgam import ops
-from pyamalgam._testing import subprocess_env
+from pyamalgam._testing import assert_compiled_matches, subprocess_env
 from pyamalgam.ops import reference as ref
 from pyamalgam.ops.channel_wise import _channel_wise_generic
 from pyamalgam.ops.pairwise_local import _pairwise_local_generic
@@ -175,16 +175,8 @@ def _both_reference(ys, yt, fs, ft):
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compile_fullgraph_matches_eager(backend):
-    torch._dynamo.reset()
-    args = _req(torch.randn(2, 4, 6, 5), torch.randn(2, 4, 6, 5), torch.randn(2, 3, 7, 9), torch.randn(2, 5, 7, 9))
-    out = torch.compile(_both, fullgraph=True, backend=backend)(*args)
-    out.backward()
-    ref_args = _req(*args)
-    expected = _both_reference(*ref_args)
-    expected.backward()
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-    for a, b in zip(args, ref_args):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    args = (torch.randn(2, 4, 6, 5), torch.randn(2, 4, 6, 5), torch.randn(2, 3, 7, 9), torch.randn(2, 5, 7, 9))
+    assert_compiled_matches(_both, _both_reference, args, backend)
 
 
 # --- bad input ------------------------------------------------------------------------------------------

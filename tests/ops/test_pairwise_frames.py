@@ -8,6 +8,7 @@ import torch
 from _cases import as_layout, assert_matches_reference
 
 from pyamalgam import ops
+from pyamalgam._testing import assert_compiled_matches
 from pyamalgam.ops import reference as ref
 from pyamalgam.ops.pairwise_frames import _pairwise_frames_generic
 
@@ -205,16 +206,8 @@ def _pf_and_pair_reference(a, b_, c, d, fs, ft):
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compile_fullgraph_matches_eager(backend):
-    torch._dynamo.reset()
-    args = _req(*_frames(2, 4, 3, 6, 5, seed=18, dtype=torch.float32), torch.randn(2, 3, 5, 4), torch.randn(2, 2, 5, 4))
-    out = torch.compile(_pf_and_pair, fullgraph=True, backend=backend)(*args)
-    out.backward()
-    ref_args = _req(*args)
-    expected = _pf_and_pair_reference(*ref_args)
-    expected.backward()
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-    for a, b_ in zip(args, ref_args):
-        torch.testing.assert_close(a.grad, b_.grad, rtol=1e-4, atol=1e-5)
+    args = (*_frames(2, 4, 3, 6, 5, seed=18, dtype=torch.float32), torch.randn(2, 3, 5, 4), torch.randn(2, 2, 5, 4))
+    assert_compiled_matches(_pf_and_pair, _pf_and_pair_reference, args, backend)
 
 
 # --- bad input (Python API; direct calls: tests/robustness/test_direct_ops.py) ---------------------------
