@@ -25,8 +25,8 @@ from .._checks import check_int
 from ..engine import Engine, NonFiniteLossError, module_device
 from ..models.protocol import count_parameters
 from .checkpoints import DONE, hold_folders, resume_run, save_run
-from .setup import (build_losses, check_hparams, check_networks, digest, feature_taps, make_holistic, probe,
-                    probe_image, resolve_all)
+from .setup import (build_losses, check_hparams, check_networks, digest, evaluating, feature_taps, make_holistic,
+                    probe, probe_image, resolve_all)
 from .step import DistillStep, LabelLoss, batch_image, check_scalar, default_task_loss
 from .taps import TapRunner
 from .terms import TERM_NAMES, describe, parse_terms
@@ -142,16 +142,8 @@ class Distiller:
     def losses(self, batch) -> dict:
         """The objective on one batch with the current weights, in eval mode and without
         training (no critic step, no BatchNorm update): each unweighted term and the total."""
-        modules = [m for m in (self.step_module, self.holistic) if isinstance(m, nn.Module)]
-        modes = [m.training for m in modules]
-        try:
-            for m in modules:
-                m.eval()
-            with torch.no_grad():
-                _, terms = self._objective(self.step_module, batch, critic=False)
-        finally:
-            for m, mode in zip(modules, modes, strict=True):
-                m.train(mode)
+        with evaluating(self.step_module, self.holistic):
+            _, terms = self._objective(self.step_module, batch, critic=False)
         return {k: float(v) for k, v in terms.items()}
 
     def parameter_report(self) -> dict:

@@ -4,8 +4,10 @@ so that a term that cannot work (a tap that does not exist, PI on a one-channel 
 feature maps of different sizes) fails now, naming the term, rather than at the first step."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+
 import torch
 from torch import nn
 
@@ -16,7 +18,7 @@ from .taps import Tap, parse_side_taps
 from .terms import FEATURES, build_loss, resolve_features
 
 __all__ = ["check_networks", "check_hparams", "feature_taps", "resolve_all", "probe_image", "probe", "build_losses",
-           "make_holistic", "digest"]
+           "make_holistic", "digest", "evaluating"]
 
 
 def check_networks(teacher, student) -> None:
@@ -77,17 +79,28 @@ def probe_image(teacher, student, size) -> torch.Tensor:
     return torch.rand(1, chans, h, w, generator=torch.Generator().manual_seed(0))
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def evaluating(*modules):
+    """Inside the block, ``modules`` (the nn.Modules among them) in eval mode and no gradients;
+    each module's mode is restored after: an objective evaluated, not trained (BatchNorm neither
+    updates nor needs batch statistics, no dropout)."""
+    modules = [m for m in modules if isinstance(m, nn.Module)]
+    modes = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)
+
+
 def probe(runner, x) -> tuple:
     """(output, features) of ``runner``'s network on ``x`` in eval mode (its mode restored)."""
-    net = runner.net
-    was_training = net.training
-    net.eval()  # BatchNorm must neither update nor need batch statistics on one probe image
-    try:
+    with evaluating(runner.net):  # one probe image: no batch statistics
         output = runner.check_forward(x)
         return output, runner.run(x)[1]
-    finally:
-        net.train(was_training)
 
 
 def build_losses(specs, student_probe, teacher_probe) -> dict:

@@ -34,7 +34,7 @@ from ..losses import MultiFrameLoss, PairWiseFramesLoss, TemporalLoss
 from ..losses.tasks import SegmentationTask
 from ..models.protocol import check_input
 from .distiller import Distiller
-from .setup import feature_taps, probe_image
+from .setup import evaluating, feature_taps, probe_image
 from .step import check_scalar
 from .taps import TapRunner
 from .terms import FEATURES, describe
@@ -290,18 +290,11 @@ class VideoDistiller(Distiller):
         h, w = x.shape[2:]
         batch = {"image": torch.cat([x, x]).unsqueeze(0), "flow": torch.zeros(1, 1, 2, h, w, device=self.device),
                  "flow_valid": torch.ones(1, 1, h, w, dtype=torch.bool, device=self.device)}
-        modules = [self.step_module]
-        modes = [m.training for m in modules]
         try:
-            for m in modules:
-                m.eval()
-            with torch.no_grad():
+            with evaluating(self.step_module):
                 self._objective(self.step_module, batch, critic=False)
         except (TypeError, ValueError, RuntimeError) as e:
             raise type(e)(f"the video terms {sorted(self._video)} fail on a probe clip: {e}") from None
-        finally:
-            for m, mode in zip(modules, modes, strict=True):
-                m.train(mode)
 
     def _config(self) -> dict:
         config = super()._config()

@@ -17,7 +17,6 @@ The engine gives the tqdm bar, the JSON-lines log (``mtl.jsonl``), atomic checkp
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from .._checks import check_int
+from ..distill.setup import digest, evaluating
 from ..engine import Engine, NonFiniteLossError, module_device
 from ..engine.lock import hold_folders
 from ..models.multitask import MultiTaskNet
@@ -93,7 +93,7 @@ class MultiTaskTrainer:
                                          self.ignore_index).to(self.device)
         for t in self.teachers.values():
             t.to(self.device).eval().requires_grad_(False)
-        self._teacher_digest = {k: _digest(t) for k, t in self.teachers.items()}
+        self._teacher_digest = {k: digest(t) for k, t in self.teachers.items()}
         hold_folders(self)
 
     rank = property(lambda self: self.engine.rank)
@@ -119,13 +119,8 @@ class MultiTaskTrainer:
 
     def losses(self, batch) -> dict:
         """The objective's terms on one batch with the current weights (eval mode, no training)."""
-        mode = self.step_module.training
-        self.step_module.eval()
-        try:
-            with torch.no_grad():
-                _, terms = self._step_loss(self.step_module, batch)
-        finally:
-            self.step_module.train(mode)
+        with evaluating(self.step_module):
+            _, terms = self._step_loss(self.step_module, batch)
         return {k: float(v) for k, v in terms.items()}
 
     def config(self) -> dict:
@@ -168,12 +163,3 @@ class MultiTaskTrainer:
             if any(p is q for p in t.parameters() for q in self.net.parameters()):
                 raise ValueError(f"teachers[{task!r}] shares parameters with the network")
         return dict(teachers)
-
-
-def _digest(module: nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
