@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..models.serialize import describe, model_meta
-from .connectors import ConnectedCoding
 
 __all__ = ["TARGET_NAME", "check_savable", "save_target"]
 
@@ -38,12 +37,10 @@ def check_savable(am, path=None) -> Path:
 
 
 def _check_describable(net) -> None:
-    """A ValueError naming the first branch whose coding or tail a model file cannot hold, then
-    whatever else the architecture record refuses (the trunk, a task given as a loss callable)."""
+    """A ValueError naming the first branch whose tail a model file cannot hold, then whatever
+    else the architecture record refuses (the trunk, a coding, a task given as a loss callable).
+    Heterogeneous teachers' connectors and smp blocks are described (docs/deploy.md)."""
     for key, branch in net.branches.items():
-        if isinstance(branch.coding, ConnectedCoding):
-            _refuse(f"the coding of branch {key!r} is a ConnectedCoding (a heterogeneous teacher's connector), "
-                    f"which model files do not describe yet")
         try:
             describe(branch.tail)
         except ValueError as e:

@@ -42,6 +42,7 @@ from ..engine.schema import (
     validate,
 )
 from ..models import serialize as ser
+from ..models.records import SMP_ARGUMENTS
 from ..teachers import load_teacher
 
 __all__ = ["LoadedModel", "load", "load_record", "read_header"]
@@ -148,6 +149,41 @@ _CH = Int(1, MAX_CHANNELS)
 _BLOCK_NO = Int(1, MAX_BLOCKS)
 _NAME = Str(max_len=200)
 _DECODER = Str(("unpool", "concat"))
+_SHAPE = ListOf(Int(1, 1 << 16), max_len=3)
+def _fraction(value, where):
+    Num(finite=True)(value, where)
+    if not 0 <= value <= 1:
+        raise SchemaError(f"{where} must lie in [0, 1], got {value!r}")
+    return value
+
+
+_SMP_ARG = {  # every argument records.SMP_ARGUMENTS lets a file give, typed (per class where they differ)
+    "encoder_name": Str(max_len=64), "encoder_depth": Int(1, 5), "in_channels": _CH, "classes": Int(1, 100_000),
+    "decoder_use_norm": lambda v, w: v if isinstance(v, bool) else Str(
+        ("batchnorm", "identity", "layernorm", "instancenorm", "inplace"))(v, w),
+    "decoder_attention_type": Nullable(Str(("scse",))),
+    "decoder_interpolation": Str(("nearest", "bilinear", "bicubic", "area", "nearest-exact")),
+    "decoder_pyramid_channels": _CH, "decoder_segmentation_channels": _CH, "decoder_merge_policy": Str(("add", "cat")),
+    "decoder_dropout": _fraction, "decoder_aspp_dropout": _fraction, "decoder_aspp_separable": Bool,
+    "upsampling": Nullable(Int(1, 64)), "encoder_output_stride": Int(8, 16),
+    "decoder_atrous_rates": ListOf(Int(1, 1024), max_len=8),
+}
+_SMP_CHANNELS = {"Unet": ListOf(_CH, max_len=5), "DeepLabV3Plus": _CH, "DeepLabV3": _CH}
+
+
+def _smp_model(value, where):
+    """An smp model record: an allowed class and only the arguments model files record for it."""
+    arch = value.get("architecture") if isinstance(value, dict) else None
+    if arch not in SMP_ARGUMENTS:
+        raise SchemaError(f"{where} must name an smp model of {sorted(SMP_ARGUMENTS)}, got {_short(arch)}")
+    fields = {k: _SMP_CHANNELS[arch] if k == "decoder_channels" else _SMP_ARG[k] for k in SMP_ARGUMENTS[arch]}
+    return Record({"architecture": Str()}, fields, extra=None)(value, where)
+
+
+def _short(value) -> str:
+    return repr(value)[:60]
+
+
 _TASK = Record({"type": Str(("segmentation", "depth", "normal", "edges", "keypoints")), "name": _NAME}, extra=None)
 _SPECS = {
     "vgg_encoder": {"level": _BLOCK_NO, "in_channels": _CH, "out_channels": _CH, "convs": Int(1, 64), "decoder": _DECODER},
@@ -159,6 +195,11 @@ _SPECS = {
     "edges": {"in_channels": _CH},
     "keypoints": {"in_channels": _CH},
     "channel_coding": {"channels": _CH, "hidden": _CH},
+    "smp_block": {"model": _smp_model, "block": _BLOCK_NO},
+    "smp_head": {"model": _smp_model, "kind": Str(("raw", "depth", "normals")), "bin_size": Nullable(Num(positive=True))},
+    "block_connector": {"student_shape": _SHAPE, "teacher_shape": _SHAPE},
+    "connected_coding": {"coding": lambda v, w: _typed(("channel_coding",))(v, w),
+                         "connector": Nullable(lambda v, w: _typed(("block_connector",))(v, w))},
 }
 
 
@@ -172,9 +213,10 @@ def _typed(kinds):
     return spec
 
 
-_BLOCK = _typed(("vgg_encoder", "vgg_decoder"))
-_HEAD = _typed(("segmentation", "depth", "normal", "edges", "keypoints"))
-_CODING = _typed(("channel_coding",))
+_BLOCK = _typed(("vgg_encoder", "vgg_decoder", "smp_block"))
+_HEAD = _typed(("segmentation", "depth", "normal", "edges", "keypoints", "smp_head"))
+_CODING = _typed(("channel_coding", "connected_coding"))
+_SIDE_CONNECTOR = Record({"key": _NAME, "connector": _typed(("block_connector",))}, extra=None)
 _BLOCKS = MapOf(Str(max_len=4), _BLOCK, max_len=MAX_BLOCKS)
 _NETWORK = {
     "vgg": {"task": _TASK, "depth": Int(1, 16), "decoder": _DECODER, "channels": ListOf(_CH, max_len=16),
@@ -185,6 +227,8 @@ _NETWORK = {
                    "branches": MapOf(_NAME, lambda v, w: _BRANCH(v, w), max_len=64),
                    "outputs": MapOf(_NAME, MapOf(_NAME, _TASK, max_len=64), max_len=64),
                    "task_weights": MapOf(_NAME, Num(finite=True))},
+    "smp": {"model": _smp_model, "task": _TASK, "head": _typed(("smp_head",))},
+    "connected_tail": {"inner": lambda v, w: _node(v, w), "side": ListOf(_SIDE_CONNECTOR, max_len=64)},
 }
 _BRANCH = Record({"point": Int(0, MAX_BLOCKS), "coding": Nullable(_CODING), "tail": lambda v, w: _node(v, w)}, extra=None)
 
@@ -204,6 +248,11 @@ def _node(value, where):
 # ------------------------------------------------------------------------------ the network
 
 def _build(node) -> nn.Module:
+    with ser.records.smp_cache():  # one smp model per spec, cut into the blocks that are copied
+        return _build_node(node)
+
+
+def _build_node(node) -> nn.Module:
     if node["type"] != "target_net":
         return ser.build_network(node, _build)
     trunk = {int(k): ser.build_block(b) for k, b in node["trunk"].items()}
@@ -232,7 +281,8 @@ def _expected(arch, path) -> dict:
 
     try:
         return expected_state(factory)
-    except (ValueError, TypeError, KeyError, IndexError, RuntimeError, NotImplementedError, AttributeError) as e:
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError, NotImplementedError, AttributeError,
+            AssertionError) as e:  # AssertionError: smp checks its arguments with assert
         raise CorruptFileError(f"{path}: its architecture builds no network that runs: {type(e).__name__}: {e}",
                                path) from None
 

@@ -12,12 +12,14 @@ tree of plain nodes, each read off the modules themselves:
   branch point p, the channel coding's sizes and the teacher's tail p+1..N (itself a node, so the
   branch of a TargetNet-2 teaching TargetNet-3 by Eq. 9 nests a ``"target_net"``).
 
-Blocks are :class:`EncoderBlock` / :class:`DecoderBlock`, heads the five of :mod:`.heads`, codings
-:class:`~pyamalgam.nn.ChannelCoding`. Every block, head and coding is rebuilt from its node on the
-meta device while it is described and must come out with the same ``repr`` (layer types, sizes,
-BatchNorm settings), so a module the node cannot reproduce is refused at save time, never a file
-that does not load. Anything else (smp teachers, connectors of heterogeneous teachers, a custom
-head or a loss callable as task) is refused with the module's name.
+Blocks are :class:`EncoderBlock` / :class:`DecoderBlock` or the blocks of
+:func:`~pyamalgam.models.from_smp`, heads the five of :mod:`.heads` or :class:`SMPHead`, codings
+:class:`~pyamalgam.nn.ChannelCoding` or a heterogeneous teacher's :class:`ConnectedCoding`, and a
+branch's tail may be a :class:`ConnectedTail` (the smp and connector nodes are in :mod:`.records`).
+Every block, head and coding is rebuilt from its node on the meta device while it is described and
+must come out with the same ``repr`` (layer types, sizes, BatchNorm settings), so a module the node
+cannot reproduce is refused at save time, never a file that does not load. Anything else (a custom
+block or head, a loss callable as task) is refused with the module's name.
 
 This is the writing half (the models floor cannot read untrusted metadata: that needs the engine's
 schemas); :mod:`pyamalgam.deploy` reads, checks and rebuilds. TargetNet nodes are described by the
@@ -36,10 +38,20 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .._io import atomic_write
-from ..losses import DepthTask, EdgeTask, KeypointTask, NormalTask, SegmentationTask, get_task
+from ..losses import (
+    DepthTask,
+    EdgeTask,
+    KeypointTask,
+    NormalTask,
+    SegmentationTask,
+    get_task,
+)
 from ..nn import ChannelCoding
+from . import records
+from .connected import ConnectedCoding, ConnectedTail
 from .heads import DepthHead, EdgeHead, KeypointHead, NormalHead, SegmentationHead
 from .sequential import SequentialBlockNet, _HeadOnly
+from .smp import SMPBlockNet, SMPHead
 from .vgg import DecoderBlock, EncoderBlock, VGGEncoderDecoder
 
 __all__ = [
@@ -121,20 +133,33 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
 
 def describe(net: nn.Module) -> dict:
     """The architecture node of a network (see the module docstring)."""
+    with records.smp_cache():  # each smp model is rebuilt once to check its blocks, not once per block
+        return _describe(net)
+
+
+def _describe(net: nn.Module) -> dict:
     if type(net) is VGGEncoderDecoder:
         return _describe_vgg(net)
     if type(net) in (SequentialBlockNet, _HeadOnly):
         return _describe_sequential(net)
+    if type(net) is SMPBlockNet:
+        return _checked_network(net, records.describe_smp_net(net, _describe_task))
+    if type(net) is ConnectedTail:
+        return records.describe_connected_tail(net, describe)
     if isinstance(getattr(net, "branches", None), nn.ModuleDict) and isinstance(getattr(net, "trunk", None), nn.ModuleDict):
         return _describe_target_net(net)
     raise ValueError(f"cannot describe a {type(net).__name__}: a model file holds pyamalgam.models VGG teachers "
-                     f"(segnet_vgg, unet_vgg), their tails, and TargetNets built from them")
+                     f"(segnet_vgg, unet_vgg), smp teachers (from_smp), their tails, and TargetNets built from them")
 
 
 def _describe_vgg(net: VGGEncoderDecoder) -> dict:
     convs = [_describe_block(net.blocks[str(k)], f"block {k}")["convs"] for k in range(1, net.depth + 1)]
     node = {"type": "vgg", "task": _describe_task(net.task), "depth": net.depth, "decoder": net.decoder,
             "channels": list(net.channels), "convs": convs, "in_chans": net.in_chans, "head": _describe_head(net.head)}
+    return _checked_network(net, node)
+
+
+def _checked_network(net: nn.Module, node: dict) -> dict:
     rebuilt = _on_meta(lambda: build_network(node))
     if repr(rebuilt) != repr(net) or _shapes(rebuilt) != _shapes(net):
         raise ValueError(f"this {type(net).__name__} differs from the one its arguments build (a block or the head "
@@ -170,8 +195,11 @@ def _describe_block(block: nn.Module, where: str) -> dict:
         node = {"type": "vgg_decoder", "level": block.level, "channels": convs[0].in_channels // concat,
                 "out_channels": convs[-1].out_channels, "convs": len(convs), "decoder": block.decoder,
                 "deepest": bool(block.deepest)}
+    elif hasattr(block, "smp_origin"):
+        node = records.describe_smp_block(block, where)
     else:
-        raise ValueError(f"cannot describe {where}, a {type(block).__name__}: only pyamalgam.models.vgg blocks")
+        raise ValueError(f"cannot describe {where}, a {type(block).__name__}: only pyamalgam.models.vgg blocks and "
+                         f"the blocks of from_smp")
     return _checked(block, node, where)
 
 
@@ -185,16 +213,19 @@ def _describe_head(head: nn.Module) -> dict:
         node = {"type": "normal", "in_channels": head.conv.in_channels}
     elif type(head) in (EdgeHead, KeypointHead):
         node = {"type": "edges" if type(head) is EdgeHead else "keypoints", "in_channels": head.conv.in_channels}
+    elif type(head) is SMPHead:
+        node = records.describe_smp_head(head)
     else:
         raise ValueError(f"cannot describe the head, a {type(head).__name__}: only SegmentationHead, DepthHead, NormalHead, "
-                         f"EdgeHead, KeypointHead")
+                         f"EdgeHead, KeypointHead and from_smp's SMPHead")
     return _checked(head, node, "the head")
 
 
 def _describe_coding(coding: nn.Module) -> dict:
+    if type(coding) is ConnectedCoding:  # a heterogeneous teacher's branch: the coding, then its connector
+        return records.describe_connected_coding(coding, _describe_coding)
     if type(coding) is not ChannelCoding:
-        raise ValueError(f"cannot describe a {type(coding).__name__} coding: only ChannelCoding (heterogeneous teachers' "
-                         f"connectors are not supported by model files yet)")
+        raise ValueError(f"cannot describe a {type(coding).__name__} coding: only ChannelCoding and ConnectedCoding")
     return {"type": "channel_coding", "channels": coding.channels, "hidden": coding.hidden}
 
 
@@ -226,6 +257,8 @@ def build_task(node: Mapping):
 
 
 def build_block(node: Mapping) -> nn.Module:
+    if node["type"] == "smp_block":
+        return records.build_smp_block(node)
     if node["type"] == "vgg_encoder":
         return EncoderBlock(node["level"], node["in_channels"], node["out_channels"], node["convs"], node["decoder"])
     if node["type"] == "vgg_decoder":
@@ -247,10 +280,16 @@ def build_head(node: Mapping) -> nn.Module:
         return EdgeHead(node["in_channels"])
     if node["type"] == "keypoints":
         return KeypointHead(node["in_channels"])
+    if node["type"] == "smp_head":
+        return records.build_smp_head(node)
     raise ValueError(f"unknown head type {node['type']!r}")
 
 
-def build_coding(node: Mapping) -> ChannelCoding:
+def build_coding(node: Mapping) -> nn.Module:
+    if node["type"] == "connected_coding":
+        return records.build_connected_coding(node, build_coding)
+    if node["type"] != "channel_coding":
+        raise ValueError(f"unknown coding type {node['type']!r}")
     channels, hidden = node["channels"], node["hidden"]
     # ChannelCoding takes a reduction; the file records its result (hidden = max(1, C // reduction))
     reduction = next((r for r in range(1, channels + 1) if max(1, channels // r) == hidden), None)
@@ -282,6 +321,10 @@ def build_network(node: Mapping, build_other: Callable[[Mapping], nn.Module] | N
             return _HeadOnly(head, task, node["num_blocks"], node["size_divisor"], node["in_chans"])
         return SequentialBlockNet(blocks, head, task, num_blocks=node["num_blocks"], size_divisor=node["size_divisor"],
                                   in_chans=node["in_chans"])
+    if node["type"] == "smp":
+        return records.build_smp_net(node, build_task)
+    if node["type"] == "connected_tail":
+        return records.build_connected_tail(node, build_other or build_network)
     if build_other is None:
         raise ValueError(f"a {node['type']!r} node is built by pyamalgam.deploy.load")
     return build_other(node)
@@ -290,7 +333,8 @@ def build_network(node: Mapping, build_other: Callable[[Mapping], nn.Module] | N
 _MODEL_TASK = {"segmentation": "segmentation", "depth": "depth", "normal": "normals", "edges": "edges",
                "keypoints": "keypoints"}
 _BUILDERS = {"vgg_encoder": build_block, "vgg_decoder": build_block, "segmentation": build_head, "depth": build_head,
-             "normal": build_head, "edges": build_head, "keypoints": build_head, "channel_coding": build_coding}
+             "normal": build_head, "edges": build_head, "keypoints": build_head, "channel_coding": build_coding,
+             "smp_block": build_block, "smp_head": build_head, "connected_coding": build_coding}
 
 
 # ------------------------------------------------------------------------------------ helpers

@@ -27,11 +27,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import DepthTask, EdgeTask, KeypointTask, NormalTask, SegmentationTask, get_task
+from ..losses import (
+    DepthTask,
+    EdgeTask,
+    KeypointTask,
+    NormalTask,
+    SegmentationTask,
+    get_task,
+)
 from ..ops import soft_argmax_depth
 from .sequential import SequentialBlockNet
 
-__all__ = ["from_smp", "SMPBlockNet", "SMPHead"]
+__all__ = ["SMPBlockNet", "SMPHead", "from_smp", "split_blocks"]
 
 INSTALL_HINT = 'pip install "pyamalgam[smp]" (or pip install segmentation-models-pytorch)'
 
@@ -85,21 +92,42 @@ def from_smp(model: nn.Module, task="segmentation", *, name: str | None = None, 
         raise TypeError(f"model must be a segmentation_models_pytorch model (an nn.Module), got {type(model).__name__}")
     task = get_task(task, name)
     if isinstance(task, (EdgeTask, KeypointTask)):  # (B, H, W) maps in [0, 1]: SMPHead would pass raw logits
-        raise ValueError(f"task: from_smp does not wrap {type(task).__name__} teachers yet (their heads predict a "
+        raise ValueError(f"task: from_smp does not wrap {type(task).__name__} teachers yet (their heads predict a "  # noqa: TRY004
                          f"squashed single-channel map, which SMPHead does not form)")
     _check_heads(model)
     encoder = model.encoder
     depth = int(encoder._depth)
-    builder = _decoder_builder(smp, model)
-    stages = _encoder_stages(smp, encoder)
+    blocks = split_blocks(model, smp)  # an unsupported model is refused before its head
+    head = SMPHead(model.segmentation_head, task, channels=_head_classes(model), max_depth=max_depth)
+    net = SMPBlockNet(blocks, head, task, size_divisor=int(encoder.output_stride),
+                      in_chans=int(getattr(encoder, "_in_channels", 3)))
+    net.architecture, net.encoder, net.encoder_depth = type(model).__name__, type(encoder).__name__, depth
+    _tag_origin(net, model)
+    return net
+
+
+def _tag_origin(net: SMPBlockNet, model: nn.Module) -> None:
+    """Give the network, each block and the head an ``smp_origin``: the smp constructor's
+    arguments (:func:`pyamalgam.models.records.smp_spec`) and the block's number, which a model
+    file records to rebuild the module with ``encoder_weights=None`` (and checks by rebuilding)."""
+    from .records import SMPOrigin, smp_spec
+
+    spec, why = smp_spec(model)
+    for n, block in net.blocks.items():
+        block.smp_origin = SMPOrigin(spec, why, int(n))
+    net.head.smp_origin = net.smp_origin = SMPOrigin(spec, why, None)
+
+
+def split_blocks(model: nn.Module, smp=None) -> list:
+    """The N blocks of an smp model (encoder stages, then decoder stages), sharing its modules."""
+    smp = smp or import_smp()
+    depth = int(model.encoder._depth)
+    builder = _decoder_builder(smp, model)  # an unsupported decoder is refused before the encoder
+    stages = _encoder_stages(smp, model.encoder)
     decoder_blocks, skips = builder(model, depth)
     blocks = [EncoderStage(k, stage, write_skip=k in skips, write_input=0 in skips and k == 1)
               for k, stage in enumerate(stages, start=1)]
-    head = SMPHead(model.segmentation_head, task, channels=_head_classes(model), max_depth=max_depth)
-    net = SMPBlockNet(blocks + decoder_blocks, head, task, size_divisor=int(encoder.output_stride),
-                      in_chans=int(getattr(encoder, "_in_channels", 3)))
-    net.architecture, net.encoder, net.encoder_depth = type(model).__name__, type(encoder).__name__, depth
-    return net
+    return blocks + decoder_blocks
 
 
 def _check_heads(model):
@@ -111,7 +139,7 @@ def _check_heads(model):
         raise TypeError(f"model has no smp segmentation_head (got {type(head).__name__}); pass an smp encoder-decoder")
     activation = getattr(head[-1], "activation", head[-1])
     if not isinstance(activation, nn.Identity):
-        raise ValueError(f"model applies the activation {type(activation).__name__} to its output; build it with "
+        raise ValueError(f"model applies the activation {type(activation).__name__} to its output; build it with "  # noqa: TRY004
                          f"activation=None: the task (Eq. 1 logits, Eq. 2 bin logits) decodes the raw output")
 
 
@@ -150,6 +178,9 @@ class EncoderStage(nn.Module):
         if self.write_skip:
             side[f"skip{self.level}"] = x
         return x
+
+    def extra_repr(self) -> str:
+        return f"level={self.level}, write_skip={self.write_skip}, write_input={self.write_input}"
 
 
 def _read(side, key):
@@ -202,6 +233,9 @@ class UnetStage(nn.Module):
         skip = _read(side, self.skip)
         return self.block(x, skip.shape[-2], skip.shape[-1], skip_connection=skip)
 
+    def extra_repr(self) -> str:
+        return f"skip={self.skip!r}"
+
 
 def _unet_blocks(model, depth):
     dec = model.decoder
@@ -228,6 +262,9 @@ class FPNStage(nn.Module):
             return p
         pyramid = [_read(side, f"pyramid{j}") for j in range(1, self.index)] + [s]
         return self.dropout(self.merge(pyramid))
+
+    def extra_repr(self) -> str:
+        return f"index={self.index}, skip={self.skip!r}"
 
 
 def _fpn_blocks(model, depth):
@@ -256,6 +293,9 @@ class DeepLabStage(nn.Module):
             return self.parts["aspp"]([x] if self.features_list else x)
         high = self.parts["block1"](_read(side, "skip2"))
         return self.parts["block2"](torch.cat([self.parts["up"](x), high], dim=1))
+
+    def extra_repr(self) -> str:
+        return f"fusion={self.fusion}, features_list={self.features_list}"
 
 
 def _deeplab_plus_blocks(model, depth):
