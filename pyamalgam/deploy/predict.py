@@ -9,7 +9,11 @@ Per image and per output of the network (a TargetNet or a teacher), one PNG at t
   clipped to 0..65.535 m), and ``STEM_NAME_preview.png``: colour-mapped (magma, near = bright),
   stretched to that image's own min..max;
 * normals ``STEM_NAME.png``: RGB = (n + 1) / 2 * 255 of the unit normal, in the network's camera
-  axes.
+  axes;
+* edges ``STEM_NAME.png``: 8-bit grey, round(255 p) of the edge probability p in [0, 1];
+* key-points ``STEM_NAME.png``: 8-bit grey, round(255 h) of the heat-map h clipped to [0, 1] (the
+  range of its targets: Gaussians of peak 1), and ``STEM_NAME_preview.png``: those values
+  colour-mapped (magma, peaks bright).
 
 Each image is resized (bilinear, antialiased) to a size the network takes (``resolution``, or its
 own size rounded to the nearest multiple of the size divisor), predicted in batches of images that
@@ -31,7 +35,7 @@ from torch import nn
 
 from .._io import atomic_write
 from ..data._common import DataFileError
-from ..losses import DepthTask, NormalTask, SegmentationTask
+from ..losses import DepthTask, EdgeTask, KeypointTask, NormalTask, SegmentationTask
 
 __all__ = ["IMAGE_SUFFIXES", "PredictResult", "collect_images", "network_size", "palette", "predict", "read_image"]
 
@@ -150,14 +154,13 @@ def _writers(net) -> dict:
     tasks = dict(getattr(net, "tasks", {}))
     writers = {}
     for name, task in tasks.items():
-        if isinstance(task, SegmentationTask):
-            writers[name] = _write_seg
-        elif isinstance(task, DepthTask):
-            writers[name] = _write_depth
-        elif isinstance(task, NormalTask):
-            writers[name] = _write_normal
+        for cls, write in _WRITERS.items():
+            if isinstance(task, cls):
+                writers[name] = write
+                break
     if not writers:
-        raise ValueError(f"the network predicts none of segmentation, depth or normals (its outputs: {sorted(tasks)})")
+        raise ValueError(f"the network predicts none of segmentation, depth, normals, edges or keypoints (its outputs: "
+                         f"{sorted(tasks)})")
     return writers
 
 
@@ -199,6 +202,31 @@ def _write_normal(normals, size, stem) -> list:
     n = F.normalize(_resize(normals, size), dim=1, eps=1e-6)[0].permute(1, 2, 0).numpy()
     rgb = np.clip(np.rint((n + 1.0) * 127.5), 0, 255).astype(np.uint8)
     return [_save(Image.fromarray(rgb), stem.with_name(stem.name + ".png"))]
+
+
+def _unit_map(value, size) -> np.ndarray:
+    """A (1, H, W) map at the input's size, clipped to [0, 1], as 8-bit round(255 v)."""
+    v = _resize(value[:, None], size)[0, 0].numpy().astype(np.float64)
+    v = np.nan_to_num(v, nan=0.0, posinf=1.0, neginf=0.0)
+    return np.clip(np.rint(np.clip(v, 0.0, 1.0) * 255.0), 0, 255).astype(np.uint8)
+
+
+def _write_edges(prob, size, stem) -> list:
+    from PIL import Image
+
+    return [_save(Image.fromarray(_unit_map(prob, size)), stem.with_name(stem.name + ".png"))]
+
+
+def _write_keypoints(heat, size, stem) -> list:
+    from PIL import Image
+
+    u8 = _unit_map(heat, size)
+    return [_save(Image.fromarray(u8), stem.with_name(stem.name + ".png")),
+            _save(Image.fromarray(_magma()[u8]), stem.with_name(stem.name + "_preview.png"))]
+
+
+_WRITERS = {SegmentationTask: _write_seg, DepthTask: _write_depth, NormalTask: _write_normal, EdgeTask: _write_edges,
+            KeypointTask: _write_keypoints}
 
 
 def _save(img, path: Path) -> Path:
