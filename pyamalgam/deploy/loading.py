@@ -274,7 +274,7 @@ def _expected(arch, path) -> dict:
     """The state dict the architecture implies, from a meta build that also ran once on a probe."""
     def factory():
         net = _build(arch).eval()
-        d = net.size_divisor
+        d = 2 * net.size_divisor  # 2x: at 1x1 the deepest features are a single value (GroupNorm refuses it)
         with torch.no_grad():
             net(torch.empty(1, net.in_chans, d, d))  # meta: shapes only
         return net

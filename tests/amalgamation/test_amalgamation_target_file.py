@@ -64,19 +64,16 @@ def _heterogeneous():
     return {"seg": seg, "depth": depth}
 
 
-def test_a_heterogeneous_target_net_is_refused_naming_the_branch_before_the_finetune(tmp_path):
+def test_a_heterogeneous_target_net_is_saved_by_the_finetune(images, tmp_path):
+    """Connectors (ConnectedCoding) are described by the model file (models/connected.py): the
+    fine-tune's save= writes a file that loads into the same network."""
     am = Amalgamator(_heterogeneous(), checkpoint_dir=tmp_path, progress=False)
     am.branch_out(points={"seg": 3, "depth": 3})
-    with pytest.raises(ValueError, match="coding of branch 'depth' is a ConnectedCoding") as err:
-        am.finetune(tiny_loader(4), 1, save=True)
-    assert "last.safetensors" in str(err.value)  # what to do instead
-    assert not (tmp_path / "target_net.safetensors").exists()
-    assert not any(r["event"] == "finetune" for r in am.history)
-    # without save= the fine-tune itself works as before
-    am.finetune(tiny_loader(4), 1)
+    am.finetune(tiny_loader(4), 1, save=True)
+    _same(am.target_net, pyamalgam.load(tmp_path / "target_net.safetensors"), images)
 
 
-def test_an_smp_target_net_is_refused_naming_the_tail(tmp_path):
+def test_an_smp_target_net_is_saved_and_loads_the_same(tmp_path):
     smp = pytest.importorskip("segmentation_models_pytorch")
     from pyamalgam.models import from_smp
 
@@ -88,9 +85,7 @@ def test_an_smp_target_net_is_refused_naming_the_tail(tmp_path):
     teachers = {"seg": from_smp(unet(5, 1), "segmentation"), "depth": from_smp(unet(8, 2), "depth")}
     am = Amalgamator(teachers, progress=False, probe_size=(32, 32))
     am.branch_out(points={"seg": 5, "depth": 6})
-    with pytest.raises(ValueError, match=r"the tail of branch 'seg' \(\w+\): cannot describe"):
-        am.save_target(tmp_path / "tn.safetensors")
-    assert not list(tmp_path.iterdir())
+    _same(am.target_net, pyamalgam.load(am.save_target(tmp_path / "tn.safetensors")), torch.rand(2, 3, 32, 32))
 
 
 def test_online_target_net_of_eq9_is_saved_with_its_nested_branch(images, tmp_path):
