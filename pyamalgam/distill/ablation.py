@@ -38,6 +38,9 @@ __all__ = ["ROWS", "AblationConfig", "ablation_config", "run_ablation"]
 ROWS = (
     ("student", {}),
     ("+PI", {"pi": 10.0}),
+    # not in the thesis: Eq. 3.1 in the soft-target order of the public implementations, KL(q^t || q^s)
+    # (the printed KL(q^s || q^t) destabilised small students here: docs/distiller.md)
+    ("+PI, KL(t‖s)", {"pi": {"weight": 10.0, "order": "teacher"}}),
     ("+PI+PA", {"pi": 10.0, "pa": 10.0}),
     ("+PI+PA local (α=9, β=2×2)", {"pi": 10.0, "pa": {"weight": 10.0, "radius": 1, "patch": 2}}),
     ("+PI+PA+HO", {"pi": 10.0, "pa": 10.0, "ho": 0.1}),
