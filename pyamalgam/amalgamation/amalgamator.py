@@ -26,16 +26,16 @@ from .._checks import as_int, as_real
 from ..engine import Engine, NonFiniteLossError, PolyLR, TargetCache, module_device
 from ..engine.loop import batch_images
 from ..models.protocol import check_input, count_parameters
-from .blockwise import BlockStep, block_loss, weighted_sum
+from .blockwise import BlockStep, block_loss
 from .branch import (
-    as_outputs,
     assemble_target_net,
     select_branch_points,
     teacher_losses,
 )
 from .checkpoints import branch_out_logged, hold_folders, resume_run, save_run
 from .connectors import connect_teachers, make_codings
-from .nonfinite import check_final_losses, explain
+from .nonfinite import explain
+from .phases import final_losses, finetune_loss, record_final_losses, teacher_targets
 from .setup import (
     check_choice,
     check_hparams,
@@ -46,7 +46,7 @@ from .setup import (
     resolve_outputs,
     resolve_weights,
 )
-from .structured import parse_structured, soft_key
+from .structured import parse_structured
 from .target_file import TARGET_NAME, check_savable, save_target
 
 __all__ = ["TARGET_NAME", "Amalgamator", "PolyLR"]
@@ -268,7 +268,7 @@ class Amalgamator:
             raise RuntimeError("precompute_targets() needs a target cache: Amalgamator(..., cache_targets=BYTES)")
         for batch in tqdm(loader, desc="teacher targets", disable=not self.progress or self.rank != 0, leave=False):
             with self.engine.autocast():
-                self._teacher_targets(self._images(batch))
+                teacher_targets(self, self._images(batch))
         return len(self.target_cache)
 
     def parameter_report(self) -> dict:
@@ -293,83 +293,30 @@ class Amalgamator:
 
         run = self._run_phase("blocks", n, step_module, step, loader, total, pending)
         final = self._final_losses(n, step_module, probe)
-        check_final_losses(self, n, final)
-        for name, value in final.items():
-            table, key = (self.feature_table, name[8:]) if name.startswith("feature/") else (self.loss_table, name)
-            table.setdefault(key, {})[n] = value
+        record_final_losses(self, n, final)  # checked first: never a NaN table for Eq. 7
         self.completed_blocks.add(n)
         self._log({"event": "block", "block": n, "objective": self.objective, "losses": final, "train_losses": run.losses,
                    "steps": total, "seconds": round(run.seconds, 3), "images_per_s": run.images_per_s})
         save_run(self, "blocks", n)
 
-    @torch.no_grad()
     def _final_losses(self, n, step_module, probe) -> dict:
-        """L_t^n of Eq. 7: the trained block n in eval mode on the fixed probe images.
-
-        The mean over images of every term (task losses, and Eq. 5's feature terms with that
-        objective), so that blocks are compared where they ended, on the same images.
-        """
-        step_module.eval()
-        sums: dict = {}
-        count = 0
-        for x in probe:
-            x = self._images(x)
-            _, terms = self._block_loss(n, step_module, x, eq7=True)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().double() * x.shape[0]
-            count += x.shape[0]
-        step_module.train()
-        if not count:
-            raise RuntimeError("no probe image to measure the final block losses (Eq. 7) on: the loader yielded none")
-        return {k: float(v) / count for k, v in sums.items()}
+        """L_t^n of Eq. 7, block n on the fixed probe images (:func:`.phases.final_losses`)."""
+        return final_losses(self, n, step_module, probe)
 
     def _block_loss(self, n, trainable, x, eq7: bool):
         """(loss to minimise, terms) of one block-n batch (:func:`.blockwise.block_loss`)."""
         return block_loss(self, n, trainable, x, eq7)
 
-    def _cache_lookup(self, x):
-        """(keys, targets) of the batch from the target cache; (None, None) without a cache."""
-        if self.target_cache is None:
-            return None, None
-        keys = self.target_cache.keys(x)
-        return keys, self.target_cache.get(keys, x.device)
-
     def _train_finetune(self, loader, total, pending) -> None:
         target = self.target_net.requires_grad_(True).train()
 
-        def step(trainable, batch):
-            x = self._images(batch)
-            with torch.no_grad(), self.engine.autocast():
-                targets = self._teacher_targets(x)
-            with self.engine.autocast():
-                predictions = trainable(x)
-            terms = {name: task.loss(predictions[name], targets[name])
-                     for out in self._outputs.values() for name, task in out.items()}
-            loss = weighted_sum(terms, self._weights)
-            if self.structured is not None:
-                extra = self.structured.finetune_terms(predictions, targets)
-                if extra:
-                    loss, terms = loss + self.structured.weighted(extra), {**terms, **extra}
-            return loss, terms
+        def step(trainable, batch):  # Step 4's objective: :func:`.phases.finetune_loss`
+            return finetune_loss(self, trainable, self._images(batch))
 
         run = self._run_phase("finetune", self.num_blocks + 1, target, step, loader, total, pending)
         self._log({"event": "finetune", "losses": run.losses, "steps": total, "seconds": round(run.seconds, 3),
                    "images_per_s": run.images_per_s})
         save_run(self, "done", self.num_blocks + 1)
-
-    def _teacher_targets(self, x) -> dict:
-        keys, targets = self._cache_lookup(x)
-        if targets is not None:
-            return targets
-        targets = {}
-        for key, teacher in self.teachers.items():
-            for name, p in as_outputs(key, teacher(x)).items():
-                targets[name] = self._outputs[key][name].target(p)
-                if name in self._soft:
-                    targets[soft_key(name)] = p.detach()
-        if keys is not None:
-            self.target_cache.put(keys, targets)
-        return targets
 
     def _run_phase(self, phase, n, module, step_loss, loader, total, pending):
         """One phase on the engine; mid-phase checkpoints carry this phase's name and block."""

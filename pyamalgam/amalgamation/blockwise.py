@@ -30,7 +30,8 @@ from ..losses import feature_loss
 from .branch import as_outputs, code
 from .structured import soft_key
 
-__all__ = ["BlockStep", "FrozenPass", "block_loss", "feature_losses", "frozen_pass", "prediction_losses", "weighted_sum"]
+__all__ = ["BlockStep", "FrozenPass", "block_loss", "cache_lookup", "feature_losses", "frozen_pass", "prediction_losses",
+           "weighted_sum"]
 
 
 class BlockStep(nn.Module):
@@ -123,13 +124,22 @@ def weighted_sum(losses: Mapping, weights: Mapping) -> torch.Tensor:
     return torch.stack([weights.get(name, 1.0) * loss.float() for name, loss in losses.items()]).sum()
 
 
+def cache_lookup(am, x):
+    """(keys, targets) of the batch ``x`` from ``am``'s target cache (targets None on a miss);
+    (None, None) without a cache."""
+    if am.target_cache is None:
+        return None, None
+    keys = am.target_cache.keys(x)
+    return keys, am.target_cache.get(keys, x.device)
+
+
 def block_loss(am, n: int, trainable, x: torch.Tensor, eq7: bool):
     """(loss to minimise, terms) of one block-n batch; ``eq7`` also scores the task losses
     under Eq. 5 (Eq. 7 compares task losses whatever the objective)."""
     feature = am.objective == "feature"
     structured = None if eq7 else am.structured  # Eq. 7 compares the task losses alone
     need_targets = not feature or eq7  # Eq. 5 runs no teacher suffix: pi waits for the fine-tune
-    keys, cached = am._cache_lookup(x) if need_targets else (None, None)
+    keys, cached = cache_lookup(am, x) if need_targets else (None, None)
     with torch.no_grad(), am.engine.autocast():
         frozen = frozen_pass(am.student, am.teachers, am._outputs, x, n, targets=need_targets and cached is None,
                              features=feature or (structured is not None and structured.features), soft=am._soft)
