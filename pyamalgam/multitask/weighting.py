@@ -9,7 +9,9 @@
   ``w_t = K exp(r_t / T) / sum_i exp(r_i / T)``, ``r_t = Lbar_t(k-1) / Lbar_t(k-2)``, T = 2, where
   Lbar are the mean losses of the previous two *periods* (the paper: epochs; here ``period``
   steps, by default one epoch); w_t = 1 for the first two periods. Its running sums are
-  buffers, so they are checkpointed and a resumed run weights as the uninterrupted one.
+  buffers, so they are checkpointed and a resumed run weights as the uninterrupted one. Under
+  torchrun the losses it averages are the mean over the ranks (one all-reduce a step), so every
+  rank keeps the same sums and the weights follow the whole batch, not rank 0's share of it.
 
 Both extras need losses >= 0 (the trainer's task losses are; normals are 1 - cos).
 """
@@ -65,7 +67,8 @@ class TaskWeighting(nn.Module):
 
     @torch.no_grad()
     def _observe(self, values) -> None:
-        self.running += values.double().to(self.running.device)
+        values = _mean_over_ranks(values.double())
+        self.running += values.to(self.running.device)
         self.counts[0] += 1
         if int(self.counts[0]) == self.period:
             self.last[0] = self.last[1]
@@ -76,3 +79,15 @@ class TaskWeighting(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, tasks={self.tasks}" + (f", period={self.period}" if self.kind == "dwa" else "")
+
+
+def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """``values`` averaged over the processes of a torchrun job (itself outside one). DDP would
+    otherwise hand every rank rank 0's buffers at the next forward (``broadcast_buffers``)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / dist.get_world_size()

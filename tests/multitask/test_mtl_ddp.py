@@ -1,6 +1,6 @@
 """The MultiTaskTrainer under torchrun, two gloo ranks (docs/engine.md, "What a phase does"): the
 network, S paths, adaptors and weighting state end identical on both ranks, DWA weights every
-step alike on both (from rank 0's losses: DDP gives every rank rank 0's buffers at each forward),
+step alike on both (from the mean over the ranks of each step's losses),
 the logged losses are each rank's last-epoch means averaged over the ranks, and only rank 0
 writes."""
 from pathlib import Path
@@ -53,8 +53,9 @@ def test_two_gloo_ranks_train_one_multi_task_network_and_only_rank_0_writes(tmp_
     # 16 images, 8 per rank, 4 a batch: 2 steps an epoch, 4 in 2 epochs
     assert r0["log"]["steps"] == 4 and len(r0["local"]) == len(r1["local"]) == 4
     assert r0["weights"] == r1["weights"] and r0["weights"][-1] != r0["weights"][0]  # DWA reweighted, alike
-    # step 3's DWA weights, K softmax(r / 2) with r = L(step 2) / L(step 1), are rank 0's
-    l1, l2 = (torch.tensor([r0["local"][i][f"{t}/label"] for t in TASKS], dtype=torch.float64) for i in (0, 1))
+    # step 3's DWA weights, K softmax(r / 2) with r = L(step 2) / L(step 1), L the mean over the ranks
+    l1, l2 = (torch.tensor([(r0["local"][i][f"{t}/label"] + r1["local"][i][f"{t}/label"]) / 2 for t in TASKS],
+                           dtype=torch.float64) for i in (0, 1))
     assert list(r0["weights"][2].values()) == pytest.approx((3 * torch.softmax(l2 / l1 / 2, 0)).tolist(), rel=1e-5)
     assert {"kd", "sd/feature", "sd/output", "s/label", "seg/label"} <= set(r0["log"]["losses"])
     assert_logged_mean_over_ranks(r0["log"]["losses"], [r0["local"], r1["local"]], window=2)
