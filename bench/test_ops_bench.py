@@ -10,15 +10,12 @@ after round, for ratios that a drifting machine cannot skew. ``test_pairwise_sca
 pair-wise op grows from N = 1k to 64k nodes; ``test_peak_memory`` the peak memory of the pair-wise,
 channel-wise and local pair-wise ops against their eager references.
 """
-import json
 import platform
-import statistics
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
+from _pairing import ROUNDS, paired_rounds, peak_extra_bytes, ratios_over
+from _pairing import iterations as _iterations
 
 from pyamalgam import ops
 from pyamalgam.ops import reference as ref
@@ -105,8 +102,8 @@ def _step(name, impl, mode, tiny=False):
 
 def _info(name, mode, args):
     # op: the words before the shape, e.g. "pairwise_local_loss r1"
-    return dict(op=name.split(" B")[0], mode=mode, shape=list(args[0].shape),
-                dtype=str(args[0].dtype).removeprefix("torch."), device=DEVICE, torch=torch.__version__)
+    return {"op": name.split(" B")[0], "mode": mode, "shape": list(args[0].shape),
+            "dtype": str(args[0].dtype).removeprefix("torch."), "device": DEVICE, "torch": torch.__version__}
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
@@ -125,52 +122,13 @@ def test_op_paired(benchmark, name, mode):
     """The three implementations in turn, round after round, and the median of the per-round ratios.
 
     test_op times one implementation after the other, so a shared machine whose speed drifts
-    between them (it does, by 2x at times) skews their ratios; interleaving cancels the drift.
-    Each implementation's turn in a round starts with one untimed call (see one_round).
+    between them (it does, by 2x at times) skews their ratios; interleaving cancels the drift
+    (bench/_pairing.py: each turn in a round starts with one untimed call).
     """
     made = {impl: _step(name, impl, mode, tiny=benchmark.disabled) for impl in IMPLS}
-    steps = {impl: step for impl, (step, _) in made.items()}
-    calls = {impl: _iterations(benchmark, step) for impl, step in steps.items()}
-    seconds = {impl: [] for impl in IMPLS}
-
-    def one_round():
-        for impl, step in steps.items():
-            # One untimed call first: the previous implementation left cold caches, sleeping OpenMP
-            # threads and a churned heap (the eager pair-wise references move GBs), which the
-            # implementation timed right after it would pay for, whichever it is.
-            step()
-            start = time.perf_counter()
-            for _ in range(calls[impl]):
-                step()
-            seconds[impl].append((time.perf_counter() - start) / calls[impl])
-
     benchmark.group = f"paired: {name} {mode}"
-    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
-    info = _info(name, mode, made["fused"][1]) | {"impl": "paired"}
-    for impl in ("eager", "compile"):
-        ratios = [other / fused for other, fused in zip(seconds[impl], seconds["fused"])]
-        q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-        info[f"paired_{impl}_over_fused"] = [q1, median, q3]
-    benchmark.extra_info.update(info)
-
-
-ROUNDS = 7
-
-
-def _iterations(benchmark, step, warmup_s=0.3, round_s=0.02):
-    """Calls per timed round, after a warm-up of ``warmup_s``.
-
-    The first calls of a fresh process run several times slower (the heap grows, pages fault in,
-    OpenMP threads start), and single sub-millisecond calls on a shared VM are mostly noise; so
-    every implementation is warmed up for the same time and each round lasts ``round_s`` or more.
-    """
-    if benchmark.disabled:
-        return 1
-    start, calls = time.perf_counter(), 0
-    while calls < 3 or time.perf_counter() - start < warmup_s:
-        step()
-        calls += 1
-    return max(1, round(round_s / ((time.perf_counter() - start) / calls)))
+    seconds = paired_rounds(benchmark, {impl: step for impl, (step, _) in made.items()})
+    benchmark.extra_info.update(_info(name, mode, made["fused"][1]) | {"impl": "paired"} | ratios_over(seconds))
 
 
 @pytest.mark.parametrize("hw", [(32, 32), (64, 64), (128, 128), (256, 256)])
@@ -186,29 +144,6 @@ def test_pairwise_scaling(benchmark, hw):
     benchmark.extra_info.update(op="pairwise scaling", nodes=hw[0] * hw[1])
     benchmark.pedantic(step, rounds=3, warmup_rounds=0)
 
-
-_PEAK = r"""
-import json, os, sys, threading, torch
-from pyamalgam import ops
-from pyamalgam.ops import reference as ref
-page = os.sysconf("SC_PAGE_SIZE")
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * page
-spec, impl = json.loads(sys.argv[1]), sys.argv[2]
-fn = getattr(ops if impl == "fused" else ref, spec["op"])
-fn(*[torch.randn(s) for s in spec["warm"]], *spec["args"])  # load lazily initialised code first
-inputs = [torch.randn(s, requires_grad=True) for s in spec["shapes"]]
-before, peak, done = rss(), [0], threading.Event()
-def sample():
-    while not done.is_set():
-        peak[0] = max(peak[0], rss())
-        done.wait(0.0005)
-t = threading.Thread(target=sample); t.start()
-fn(*inputs, *spec["args"]).backward()
-done.set(); t.join()
-print(json.dumps({"peak_extra_bytes": max(peak[0], rss()) - before}))
-"""
 
 # case -> (op of pyamalgam.ops and of the reference, its input shapes, its other arguments)
 PEAK_CASES = {
@@ -226,13 +161,7 @@ def test_peak_memory(benchmark, name, impl, tmp_path, pyamalgam_env):
     in a fresh process (Linux /proc)."""
     op, shapes, args = PEAK_CASES[name]
     shapes = [TINY] * len(shapes) if benchmark.disabled else shapes
-    spec = json.dumps({"op": op, "shapes": shapes, "args": args, "warm": [(1, 2, 2, 2)] * len(shapes)})
-
-    def run():
-        out = subprocess.run([sys.executable, "-c", _PEAK, spec, impl], capture_output=True, text=True, check=True,
-                             cwd=tmp_path, env=pyamalgam_env)
-        return json.loads(out.stdout)["peak_extra_bytes"]
-
-    peak = benchmark.pedantic(run, rounds=1, iterations=1)
+    peak = benchmark.pedantic(lambda: peak_extra_bytes(op, impl, shapes, args, tmp_path, pyamalgam_env), rounds=1,
+                              iterations=1)
     benchmark.group = f"peak memory: {name} fwd+bwd"
     benchmark.extra_info.update(op="peak memory", case=name, impl=impl, peak_extra_bytes=peak, shape=list(shapes[0]))

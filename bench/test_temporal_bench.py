@@ -11,15 +11,12 @@ round after round (as bench/test_ops_bench.py), ``test_pf_scaling`` records the 
 sizes (linear growth in N), ``test_pf_peak_memory`` the peak memory of one fwd+bwd. Under
 --benchmark-disable every case runs once on tiny inputs.
 """
-import json
 import statistics
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from test_ops_bench import DEVICE, ROUNDS, _iterations
+from _pairing import paired_rounds, peak_extra_bytes, ratios_over
+from test_ops_bench import DEVICE
 
 from pyamalgam import ops
 from pyamalgam.ops import reference as ref
@@ -55,35 +52,20 @@ def _step(impl, shape):
 
 
 def _info(mode, shape):
-    return dict(op="pairwise_frames_loss", mode=mode, shape=list(shape), nodes=shape[2] * shape[3], dtype="float32",
-                device=DEVICE, torch=torch.__version__)
+    return {"op": "pairwise_frames_loss", "mode": mode, "shape": list(shape), "nodes": shape[2] * shape[3],
+            "dtype": "float32", "device": DEVICE, "torch": torch.__version__}
 
 
 def test_pf_paired(benchmark):
     """fused / eager / compile in turn, round after round; the median of the per-round ratios."""
     shape = TINY if benchmark.disabled else SIZE
     steps = {impl: _step(impl, shape) for impl in IMPLS}
-    calls = {impl: _iterations(benchmark, step) for impl, step in steps.items()}
-    seconds = {impl: [] for impl in IMPLS}
-
-    def one_round():
-        for impl, step in steps.items():
-            step()  # untimed: the previous implementation left cold caches (see test_ops_bench.test_op_paired)
-            start = time.perf_counter()
-            for _ in range(calls[impl]):
-                step()
-            seconds[impl].append((time.perf_counter() - start) / calls[impl])
-
     benchmark.group = f"paired: pairwise_frames_loss B{shape[0]} C{shape[1]} {shape[2]}x{shape[3]} fwd+bwd"
-    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
+    seconds = paired_rounds(benchmark, steps)  # interleaved, as bench/test_ops_bench.py (bench/_pairing.py)
     info = _info("fwd+bwd", shape) | {"impl": "paired"}
     for impl in IMPLS:
         info[f"median_s_{impl}"] = statistics.median(seconds[impl])
-    for impl in ("eager", "compile"):
-        ratios = [other / fused for other, fused in zip(seconds[impl], seconds["fused"])]
-        q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-        info[f"paired_{impl}_over_fused"] = [q1, median, q3]
-    benchmark.extra_info.update(info)
+    benchmark.extra_info.update(info | ratios_over(seconds))
 
 
 @pytest.mark.parametrize("hw", [(32, 64), (64, 128), (128, 256), (256, 512)])
@@ -96,41 +78,12 @@ def test_pf_scaling(benchmark, hw):
     benchmark.pedantic(step, rounds=3, warmup_rounds=0)
 
 
-_PEAK = r"""
-import json, os, sys, threading, torch
-from pyamalgam import ops
-from pyamalgam.ops import reference as ref
-page = os.sysconf("SC_PAGE_SIZE")
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * page
-shape, impl = json.loads(sys.argv[1]), sys.argv[2]
-fn = ops.pairwise_frames_loss if impl == "fused" else ref.pairwise_frames_loss
-fn(*[torch.rand(1, 2, 2, 2) for _ in range(4)])  # load lazily initialised code first
-inputs = [torch.randn(shape).softmax(1).requires_grad_() for _ in range(4)]
-before, peak, done = rss(), [0], threading.Event()
-def sample():
-    while not done.is_set():
-        peak[0] = max(peak[0], rss())
-        done.wait(0.0005)
-t = threading.Thread(target=sample); t.start()
-fn(*inputs).backward()
-done.set(); t.join()
-print(json.dumps({"peak_extra_bytes": max(peak[0], rss()) - before}))
-"""
-
-
 @pytest.mark.parametrize("impl", ["fused", "eager"])
 def test_pf_peak_memory(benchmark, impl, tmp_path, pyamalgam_env):
     """Peak resident memory one fwd+bwd adds, in a fresh process (Linux /proc)."""
     shape = TINY if benchmark.disabled else SIZE
-
-    def run():
-        out = subprocess.run([sys.executable, "-c", _PEAK, json.dumps(list(shape)), impl], capture_output=True, text=True,
-                             check=True, cwd=tmp_path, env=pyamalgam_env)
-        return json.loads(out.stdout)["peak_extra_bytes"]
-
-    peak = benchmark.pedantic(run, rounds=1, iterations=1)
+    peak = benchmark.pedantic(lambda: peak_extra_bytes("pairwise_frames_loss", impl, [shape] * 4, [], tmp_path,
+                                                       pyamalgam_env, softmax=True), rounds=1, iterations=1)
     benchmark.group = f"peak memory: pairwise_frames_loss B{shape[0]} C{shape[1]} {shape[2]}x{shape[3]} fwd+bwd"
     benchmark.extra_info.update(op="peak memory", case="pairwise_frames_loss", impl=impl, peak_extra_bytes=peak,
                                 shape=list(shape))
