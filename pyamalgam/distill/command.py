@@ -53,10 +53,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "distill", help="the structured-distillation ablation (thesis Tables 3.1, 4.2) on synthetic scenes",
         description="Train a wide SegNet teacher with labels, then students of two widths without distillation, "
-                    "+PI, +PI+PA (full and local graph), +PI+PA+HO and +CWD, over several seeds; write the table "
+                    "+PI (printed and soft-target order), +PI+PA (full and local graph), +PI+PA+HO and +CWD, over several seeds; write the table "
                     "(markdown, JSON) and a figure to --out. With --video, thesis Table 5.1 on synthetic clips instead.")
-    p.add_argument("--quick", action="store_true", help="small images and few steps (about 1.5 min on 2 idle cores; "
-                                                         "with --video about 1 min)")
+    p.add_argument("--quick", action="store_true", help="small images and few steps (about 2 min on 2 idle cores; "
+                                                         "with --video 1.5 min)")
     p.add_argument("--video", action="store_true",
                    help="thesis Table 5.1 instead: a per-frame student on synthetic clips, +SF, +PF, +MF, +TL and all "
                         "(Eq. 5.3), mIoU and temporal consistency (about 7 min on 2 idle cores)")

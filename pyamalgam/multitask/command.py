@@ -30,7 +30,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "SD-MTCNN T/S in the (★), (★★) and full variants; traditional KD from single-task teachers; "
                     "the U-Net ablation) and an amalgamated TargetNet from single-task teachers, over several "
                     "seeds; write the table (markdown, JSON) and a figure to --out.")
-    p.add_argument("--quick", action="store_true", help="small images and few steps (about 3 min on 2 idle cores)")
+    p.add_argument("--quick", action="store_true", help="small images and few steps (about 1.5 min on 2 idle cores)")
     p.add_argument("--out", default="runs/mtl", help="folder of the tables and the figure (default runs/mtl)")
     p.add_argument("--seeds", type=_seeds, default=(0, 1), help="comma-separated training seeds (default 0,1)")
     p.add_argument("--tasks", type=_tasks, default=None,
