@@ -31,7 +31,7 @@ from .branch import as_outputs, code
 from .structured import soft_key
 
 __all__ = ["BlockStep", "FrozenPass", "block_loss", "cache_lookup", "feature_losses", "frozen_pass", "prediction_losses",
-           "weighted_sum"]
+           "supervision", "weighted_sum"]
 
 
 class BlockStep(nn.Module):
@@ -88,11 +88,20 @@ def frozen_pass(student, teachers: Mapping, outputs: Mapping, x: torch.Tensor, n
         else:
             prediction = teacher(x) if targets else None
         if prediction is not None:
-            for name, p in as_outputs(key, prediction).items():
-                out_targets[name] = outputs[key][name].target(p)
-                if name in soft:
-                    out_targets[soft_key(name)] = p.detach()
+            out_targets.update(supervision(key, prediction, outputs, soft))
     return FrozenPass(prev, side, out_targets, out_features)
+
+
+def supervision(key, prediction, outputs: Mapping, soft=()) -> dict:
+    """Teacher ``key``'s ``prediction`` as supervision: output name -> its task's target (the
+    ground truth of Eq. 1/3/4), plus the raw prediction under ``soft_key(name)`` for the names
+    in ``soft`` (pi's soft targets). The block steps and the fine-tune both read targets so."""
+    targets = {}
+    for name, p in as_outputs(key, prediction).items():
+        targets[name] = outputs[key][name].target(p)
+        if name in soft:
+            targets[soft_key(name)] = p.detach()
+    return targets
 
 
 def prediction_losses(teachers: Mapping, outputs: Mapping, projected: Mapping, n: int, side: dict,

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .blockwise import cache_lookup, weighted_sum
-from .branch import as_outputs
+from .blockwise import cache_lookup, supervision, weighted_sum
 from .nonfinite import check_final_losses
-from .structured import soft_key
 
 __all__ = ["final_losses", "finetune_loss", "record_final_losses", "teacher_targets"]
 
@@ -59,10 +57,7 @@ def teacher_targets(am, x) -> dict:
         return targets
     targets = {}
     for key, teacher in am.teachers.items():
-        for name, p in as_outputs(key, teacher(x)).items():
-            targets[name] = am._outputs[key][name].target(p)
-            if name in am._soft:
-                targets[soft_key(name)] = p.detach()
+        targets.update(supervision(key, teacher(x), am._outputs, am._soft))
     if keys is not None:
         am.target_cache.put(keys, targets)
     return targets

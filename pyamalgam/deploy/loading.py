@@ -150,6 +150,8 @@ _BLOCK_NO = Int(1, MAX_BLOCKS)
 _NAME = Str(max_len=200)
 _DECODER = Str(("unpool", "concat"))
 _SHAPE = ListOf(Int(1, 1 << 16), max_len=3)
+
+
 def _fraction(value, where):
     Num(finite=True)(value, where)
     if not 0 <= value <= 1:
