@@ -39,8 +39,11 @@ def markdown(results: dict) -> str:
         delta = "–" if row["row"] == "student" else f"{100 * (row['miou'] - base[w]):+.2f}"
         lines.append(f"| {row['row']} | {_width(w)} | {_params(row['parameters'])} | {100 * row['miou']:.2f} ± "
                      f"{100 * row['miou_std']:.2f} | {delta} | {row['ms_per_step']:.1f} |")
-    lines += ["", (f"Total time {results['seconds']} s. Rows: thesis Table 3.1 (PI, PA, HO, weights 10/10/0.1), "
-              "Table 3.2's local graph (α = 9, β = 2×2), Table 4.2's CWD (T = 3, weight 3, last-block features).")]
+    ho = next((r["terms"]["ho"] for r in results["rows"] if "ho" in r.get("terms", {})), None)
+    critic = f"; HO's critic A2L4 at width {ho['width']}" if isinstance(ho, dict) and "width" in ho else ""
+    lines += ["", (f"Total time {results['seconds']} s. Rows: thesis Table 3.1 (PI, PA, HO, weights "
+              f"10/10/0.1{critic}), Table 3.2's local graph (α = 9, β = 2×2), Table 4.2's CWD (T = 3, "
+              "weight 3, last-block features).")]
     return "\n".join(lines) + "\n"
 
 

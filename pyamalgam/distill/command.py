@@ -53,13 +53,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "distill", help="the structured-distillation ablation (thesis Tables 3.1, 4.2) on synthetic scenes",
         description="Train a wide SegNet teacher with labels, then students of two widths without distillation, "
-                    "+PI (printed and soft-target order), +PI+PA (full and local graph), +PI+PA+HO and +CWD, over several seeds; write the table "
-                    "(markdown, JSON) and a figure to --out. With --video, thesis Table 5.1 on synthetic clips instead.")
-    p.add_argument("--quick", action="store_true", help="small images and few steps (about 2 min on 2 idle cores; "
-                                                         "with --video 1.5 min)")
+                    "+PI (printed and soft-target order), +PI+PA (full and local graph), +PI+PA+HO and +CWD, over "
+                    "several seeds; write the table (markdown, JSON) and a figure to --out. With --video, thesis "
+                    "Table 5.1 on synthetic clips instead.")
+    p.add_argument("--quick", action="store_true",
+                   help="small images and few steps (2.5 min on 2 idle AVX2 cores; with --video 1.5 min; the full "
+                        "preset 13 min, 11 with --video)")
     p.add_argument("--video", action="store_true",
                    help="thesis Table 5.1 instead: a per-frame student on synthetic clips, +SF, +PF, +MF, +TL and all "
-                        "(Eq. 5.3), mIoU and temporal consistency (about 7 min on 2 idle cores)")
+                        "(Eq. 5.3), mIoU and temporal consistency (11 min on 2 idle AVX2 cores)")
     p.add_argument("--out", default=None, help="folder of the tables and the figure (default runs/distill, "
                                                "with --video runs/distill-video)")
     p.add_argument("--seeds", type=_seeds, default=(0, 1), help="comma-separated training seeds (default 0,1)")

@@ -41,6 +41,20 @@ def test_the_files_hold_the_table_the_results_and_a_figure(results):
     assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_ho_row_scales_its_critic_to_the_students(results):
+    """The HO row's Discriminator is CRITIC_WIDTH wide (not the public code's 64), and the table says so."""
+    pytest.importorskip("pyamalgam.losses.holistic")
+    import torch
+
+    from pyamalgam.distill.setup import make_holistic
+    from pyamalgam.distill.terms import parse_terms
+
+    (spec,) = [s for s in parse_terms(dict(ROWS)["+PI+PA+HO"]) if s.holistic]
+    ho = make_holistic(spec, torch.zeros(1, 5, 16, 16), torch.device("cpu"))
+    assert ho.critic.width == ablation.CRITIC_WIDTH == 16
+    assert "HO's critic A2L4 at width 16" in (results[0] / "ablation.md").read_text()
+
+
 def test_bad_settings():
     with pytest.raises(ValueError, match="preset must be one of"):
         ablation_config("huge")
