@@ -225,6 +225,32 @@ def gloo_available() -> bool:
     return dist.is_available() and dist.is_gloo_available()
 
 
+#: The first lines of a :func:`run_torchrun` script whose first argument after the folder is the
+#: test's own folder (its ``_*_cases`` helpers become importable): one thread per rank, and the
+#: gloo group up before anything (a DistributedSampler) asks for the world size. The script then
+#: ends with ``rank_result(out, {...})``.
+RANK_PREAMBLE = """
+import json, os, sys
+sys.path.insert(0, sys.argv[2])
+import torch
+import torch.distributed as dist
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+from pyamalgam._testing import rank_result
+out, rank = sys.argv[1], dist.get_rank()
+"""
+
+
+def rank_result(folder, result: dict) -> None:
+    """Write this rank's ``result`` as ``folder/result{rank}.json`` (what :func:`run_torchrun`
+    returns) and take the process group down."""
+    import torch.distributed as dist
+
+    with open(os.path.join(folder, f"result{dist.get_rank()}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
 def run_torchrun(script: str, folder, *args, env: dict, nproc: int = 2, timeout: float = 300.0) -> list:
     """Run ``script`` (Python source) on ``nproc`` CPU processes under ``torchrun --standalone``
     in ``folder``; its arguments are ``folder`` and ``args``. Rank r writes

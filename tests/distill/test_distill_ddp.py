@@ -4,26 +4,17 @@ from pathlib import Path
 
 import pytest
 
-from pyamalgam._testing import gloo_available, run_torchrun
+from pyamalgam._testing import RANK_PREAMBLE, gloo_available, run_torchrun
 
 pytestmark = pytest.mark.skipif(not gloo_available(), reason="torch.distributed with gloo is unavailable")
 
 HERE = Path(__file__).parent
 # Each rank gets its own checkpoint_dir so that a write by rank 1 would show.
-SCRIPT = """
-import json, os, sys
-sys.path.insert(0, sys.argv[2])
-import torch
-import torch.distributed as dist
-torch.set_num_threads(1)
-dist.init_process_group("gloo")  # before the DistributedSampler, which asks for the world size
+SCRIPT = RANK_PREAMBLE + """
 from _distill_cases import digest_all, distiller, loader
-out, rank = sys.argv[1], dist.get_rank()
 d = distiller(os.path.join(out, f"rank{rank}"), checkpoint_every=2)
 d.fit(loader(n=16, distributed=True), 2)
-with open(os.path.join(out, f"result{rank}.json"), "w") as f:
-    json.dump({"world_size": d.world_size, **digest_all(d), "losses": d.history[-1]["losses"]}, f)
-dist.destroy_process_group()
+rank_result(out, {"world_size": d.world_size, **digest_all(d), "losses": d.history[-1]["losses"]})
 """
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from pyamalgam._testing import (
+    RANK_PREAMBLE,
     assert_logged_mean_over_ranks,
     gloo_available,
     run_torchrun,
@@ -16,25 +17,16 @@ pytestmark = pytest.mark.skipif(not gloo_available(), reason="torch.distributed 
 
 HERE = Path(__file__).parent
 # Each rank gets its own checkpoint_dir so that a write by rank 1 would show.
-SCRIPT = """
-import json, os, sys
-sys.path.insert(0, sys.argv[2])
-import torch
-import torch.distributed as dist
-torch.set_num_threads(1)
-dist.init_process_group("gloo")  # before the DistributedSampler, which asks for the world size
+SCRIPT = RANK_PREAMBLE + """
 from _distill_cases import clip_loader, digest_all, video_distiller
 from pyamalgam._testing import record_step_terms
 from pyamalgam.engine import load_checkpoint
-out, rank = sys.argv[1], dist.get_rank()
 d = video_distiller(os.path.join(out, f"rank{rank}"), checkpoint_every=2)
 local = record_step_terms(d)
 d.fit(clip_loader(n=8, distributed=True), 2)
 meta = load_checkpoint(os.path.join(out, "rank0", "last.safetensors"))[1] if rank == 0 else {}
-with open(os.path.join(out, f"result{rank}.json"), "w") as f:
-    json.dump({"world_size": d.world_size, **digest_all(d), "log": d.history[-1], "local": local,
-               "checkpoint": [meta.get("phase"), meta.get("steps")]}, f)
-dist.destroy_process_group()
+rank_result(out, {"world_size": d.world_size, **digest_all(d), "log": d.history[-1], "local": local,
+                  "checkpoint": [meta.get("phase"), meta.get("steps")]})
 """
 
 

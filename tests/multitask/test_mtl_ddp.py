@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pyamalgam._testing import (
+    RANK_PREAMBLE,
     assert_logged_mean_over_ranks,
     gloo_available,
     run_torchrun,
@@ -20,17 +21,10 @@ HERE = Path(__file__).parent
 TASKS = ("seg", "depth", "normal")  # _mtl_cases.TASKS, in the network's order
 # SD-MTCNN (star-star, full), DWA over 1-step periods (it reweights from step 3 on) and a KD
 # teacher: every part of the step module trains. Each rank gets its own checkpoint_dir.
-SCRIPT = """
-import json, os, sys
-sys.path.insert(0, sys.argv[2])
-import torch
-import torch.distributed as dist
-torch.set_num_threads(1)
-dist.init_process_group("gloo")  # before the DistributedSampler, which asks for the world size
+SCRIPT = RANK_PREAMBLE + """
 from _mtl_cases import digest, loader, tiny_mtl
 from pyamalgam._testing import record_step_terms, tiny_net
 from pyamalgam.multitask import MultiTaskTrainer, SelfDistillation
-out, rank = sys.argv[1], dist.get_rank()
 teacher = tiny_net("segmentation", 5, depth=2, num_classes=4, num_bins=8, name="seg")
 tr = MultiTaskTrainer(tiny_mtl(shallow=True), sd=SelfDistillation("encoder", "star2", full=True), weighting="dwa",
                       dwa_period=1, teachers={"seg": teacher}, checkpoint_dir=os.path.join(out, f"rank{rank}"),
@@ -38,10 +32,8 @@ tr = MultiTaskTrainer(tiny_mtl(shallow=True), sd=SelfDistillation("encoder", "st
 local, weights = record_step_terms(tr), []
 tr.step_module.weighting.register_forward_hook(lambda m, args, result: weights.append(result[1]))
 tr.fit(loader(n=16, distributed=True), 2)
-with open(os.path.join(out, f"result{rank}.json"), "w") as f:
-    json.dump({"world_size": tr.world_size, "digest": digest(tr), "log": tr.history[-1], "local": local,
-               "weights": weights}, f)
-dist.destroy_process_group()
+rank_result(out, {"world_size": tr.world_size, "digest": digest(tr), "log": tr.history[-1], "local": local,
+                  "weights": weights})
 """
 
 
