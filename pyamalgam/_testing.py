@@ -45,20 +45,32 @@ def tiny_teachers(*tasks: str, seed: int = 1, factory="segnet_vgg") -> dict:
     return {net.task.name: net for net in nets}
 
 
-class _Images:
-    """Random images as dict batches; ``delay`` seconds per item slow a run down to be killed."""
+class TensorItems(torch.utils.data.Dataset):
+    """A data set of dict items: item i is ``{name: tensor[i]}`` over ``fields`` (tensors that share
+    their first dimension); ``delay`` seconds per item slow a run down to be killed (the resume
+    tests). The tests' toy data sets build their tensors and hand them to this."""
 
-    def __init__(self, n: int, seed: int, delay: float):
-        self.images = torch.rand(n, 3, 32, 40, generator=torch.Generator().manual_seed(seed))
-        self.delay = delay
+    def __init__(self, fields: dict, delay: float = 0.0):
+        if len({len(v) for v in fields.values()}) != 1:
+            raise ValueError(f"fields must share their first dimension, got "
+                             f"{[tuple(v.shape) for v in fields.values()]}")
+        self.fields, self.delay = dict(fields), delay
 
     def __len__(self):
-        return len(self.images)
+        return len(next(iter(self.fields.values())))
 
     def __getitem__(self, i):
         if self.delay:
             time.sleep(self.delay)
-        return {"image": self.images[i]}
+        return {name: v[i] for name, v in self.fields.items()}
+
+
+class _Images(TensorItems):
+    """Random images as dict batches."""
+
+    def __init__(self, n: int, seed: int, delay: float):
+        self.images = torch.rand(n, 3, 32, 40, generator=torch.Generator().manual_seed(seed))
+        super().__init__({"image": self.images}, delay)
 
 
 def tiny_loader(n: int = 12, batch: int = 4, *, shuffle: bool = True, seed: int = 4, delay: float = 0.0,

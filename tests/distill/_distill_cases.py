@@ -3,14 +3,12 @@ a labelled toy data set, a fake holistic term with HolisticDistillation's interf
 video trainer's clips and VideoDistiller."""
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pyamalgam._testing import tiny_net
+from pyamalgam._testing import TensorItems, tiny_net
 
 H, W = 32, 32
 T = 3  # frames per clip
@@ -21,7 +19,7 @@ def nets(task="segmentation", teacher_width=1 / 8, student_width=1 / 16):
     return tiny_net(task, 1, width=teacher_width), tiny_net(task, 2, width=student_width).train()
 
 
-class Scenes(torch.utils.data.Dataset):
+class Scenes(TensorItems):
     """``n`` random images with random labels (some ignored); ``labels=False``: images only;
     ``delay`` seconds per item slow a run down to be killed."""
 
@@ -30,17 +28,8 @@ class Scenes(torch.utils.data.Dataset):
         self.images = torch.rand(n, 3, H, W, generator=g)
         self.seg = torch.randint(0, 5, (n, H, W), generator=g)
         self.seg[:, :4] = 255  # ignored pixels
-        self.labels, self.delay = labels, delay
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        if self.delay:
-            time.sleep(self.delay)
-        if not self.labels:
-            return {"image": self.images[i]}
-        return {"image": self.images[i], "seg": self.seg[i]}
+        self.labels = labels
+        super().__init__({"image": self.images, **({"seg": self.seg} if labels else {})}, delay)
 
 
 def loader(n=8, batch=4, seed=0, labels=True, delay=0.0, shuffle=True, distributed=False):
@@ -129,7 +118,7 @@ def digest_all(d) -> dict:
 VIDEO_ALL = ("pi", "pa", "pf", "mf", "tl")
 
 
-class Clips(torch.utils.data.Dataset):
+class Clips(TensorItems):
     """``n`` random 3-frame clips (5 classes, the middle frame labelled), a random flow of a few
     pixels and a random visibility mask; ``delay`` seconds per item slow a run down to be killed."""
 
@@ -140,15 +129,7 @@ class Clips(torch.utils.data.Dataset):
         self.seg[:, 1] = torch.randint(0, 5, (n, H, W), generator=g)
         self.flow = 3 * torch.randn(n, T - 1, 2, H, W, generator=g)
         self.valid = torch.rand(n, T - 1, H, W, generator=g) > 0.2
-        self.delay = delay
-
-    def __len__(self):
-        return len(self.image)
-
-    def __getitem__(self, i):
-        if self.delay:
-            time.sleep(self.delay)
-        return {"image": self.image[i], "seg": self.seg[i], "flow": self.flow[i], "flow_valid": self.valid[i]}
+        super().__init__({"image": self.image, "seg": self.seg, "flow": self.flow, "flow_valid": self.valid}, delay)
 
 
 def clip_loader(n=8, delay=0.0, data=None, distributed=False):

@@ -2,12 +2,11 @@
 toy data set with every task's ground truth and tiny multi-task networks with fixed seeds."""
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from pyamalgam._testing import TensorItems
 from pyamalgam.models.multitask import MultiTaskNet
 
 H, W, K, BINS = 16, 24, 4, 8
@@ -20,7 +19,7 @@ def tiny_mtl(tasks=TASKS, seed=0, decoder="unpool", shallow=False, depth=2):
                         max_depth=10.0, shallow=shallow)
 
 
-class Labelled(torch.utils.data.Dataset):
+class Labelled(TensorItems):
     """``n`` random images with random seg / depth / normal / mask labels; ``delay`` seconds per
     item slow a run down to be killed."""
 
@@ -34,16 +33,8 @@ class Labelled(torch.utils.data.Dataset):
         self.depth = 0.5 + 9 * torch.rand(n, H, W, generator=g)
         self.normal = F.normalize(torch.randn(n, 3, H, W, generator=g), dim=1)
         self.mask = torch.rand(n, H, W, generator=g) > 0.2
-        self.delay = delay
-
-    def __len__(self):
-        return len(self.image)
-
-    def __getitem__(self, i):
-        if self.delay:
-            time.sleep(self.delay)
-        return {"image": self.image[i], "seg": self.seg[i], "depth": self.depth[i], "normal": self.normal[i],
-                "mask": self.mask[i]}
+        super().__init__({"image": self.image, "seg": self.seg, "depth": self.depth, "normal": self.normal,
+                          "mask": self.mask}, delay)
 
 
 def loader(n=8, batch=4, seed=0, delay=0.0, distributed=False):
