@@ -75,3 +75,24 @@ def assert_pairwise_matches_reference(shape, patch, device="cpu"):
         rtol=1e-9,
         atol=1e-12,
     )
+
+
+def conformance_tests(cases):
+    """(test_gradcheck, test_opcheck) over ``cases``, each ``(id, op overload, Python API, float64
+    args)``: gradcheck of the API and ``torch.library.opcheck`` of the registered op on every case.
+    A test module binds them to its own names so that pytest collects them there."""
+    import pytest
+
+    ids = [c[0] for c in cases]
+
+    @pytest.mark.parametrize("case", cases, ids=ids)
+    def test_gradcheck(case):
+        _, _, api, args = case
+        assert torch.autograd.gradcheck(lambda *a: api(*a), args, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+    @pytest.mark.parametrize("case", cases, ids=ids)
+    def test_opcheck(case):
+        _, op, _, args = case
+        torch.library.opcheck(op, args)
+
+    return test_gradcheck, test_opcheck

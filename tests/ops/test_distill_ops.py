@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from _cases import as_layout, assert_matches_reference
+from _cases import as_layout, assert_matches_reference, conformance_tests
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from pyamalgam import ops
@@ -134,19 +134,9 @@ def _cases():
 
 
 CASES = _cases()
-IDS = [c[0] for c in CASES]
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_gradcheck(case):
-    _, _, api, args = case
-    assert torch.autograd.gradcheck(lambda *a: api(*a), args, eps=1e-6, atol=1e-7, rtol=1e-5)
-
-
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_opcheck(case):
-    _, op, _, args = case
-    torch.library.opcheck(op, args)
+test_gradcheck, test_opcheck = conformance_tests(CASES)
 
 
 def test_opcheck_backward_ops():

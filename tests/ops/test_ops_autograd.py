@@ -1,7 +1,7 @@
 """gradcheck, torch.library.opcheck and torch.compile(fullgraph=True) for every op (CPU)."""
 import pytest
 import torch
-from _cases import channel_coding_args, depth_args
+from _cases import channel_coding_args, conformance_tests, depth_args
 
 from pyamalgam import ops
 from pyamalgam.ops import reference as ref
@@ -33,19 +33,9 @@ def cases():
 
 
 CASES = cases()
-IDS = [c[0] for c in CASES]
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_gradcheck(case):
-    _, _, api, args = case
-    assert torch.autograd.gradcheck(lambda *a: api(*a), args, eps=1e-6, atol=1e-7, rtol=1e-5)
-
-
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_opcheck(case):
-    _, op, _, args = case
-    torch.library.opcheck(op, args)
+test_gradcheck, test_opcheck = conformance_tests(CASES)
 
 
 def test_zero_gradient_for_masked_nothing():
