@@ -237,6 +237,36 @@ def gloo_available() -> bool:
     return dist.is_available() and dist.is_gloo_available()
 
 
+def rewrite_model_record(src, dst, edit) -> Path:
+    """Copy the model file ``src`` to ``dst`` with its JSON record changed by ``edit(record)`` (in
+    place) and the weights untouched: how the tests forge a tampered or foreign model file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from .models import serialize
+
+    with safe_open(str(src), "pt") as f:
+        record = json.loads(f.metadata()[serialize.META_KEY])
+    edit(record)
+    save_file(load_file(str(src)), str(dst), metadata={serialize.META_KEY: json.dumps(record)})
+    return Path(dst)
+
+
+def hide_package(monkeypatch, package: str) -> None:
+    """From now on (until ``monkeypatch`` undoes it) importing ``package`` or a submodule of it
+    fails as if it were not installed: how the tests reach the "pip install ..." errors."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def without(name, *args, **kwargs):
+        if name.split(".")[0] == package:
+            raise ModuleNotFoundError(f"No module named {package!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without)
+
+
 #: The first lines of a :func:`run_torchrun` script whose first argument after the folder is the
 #: test's own folder (its ``_*_cases`` helpers become importable): one thread per rank, and the
 #: gloo group up before anything (a DistributedSampler) asks for the world size. The script then

@@ -1,13 +1,12 @@
 """TargetNet.save / pyamalgam.deploy.load: one self-describing file, bit-identical round trips,
 and every kind of bad file refused with an error that names it."""
-import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pyamalgam import Amalgamator
-from pyamalgam._testing import tiny_net
+from pyamalgam._testing import rewrite_model_record, tiny_net
 from pyamalgam.deploy import load, load_record, save_model
 from pyamalgam.engine import CorruptFileError, save_checkpoint
 from pyamalgam.losses import LossTask
@@ -98,17 +97,6 @@ def saved(make_target_net, tmp_path_factory):
     return net.save(tmp_path_factory.mktemp("model") / "net.safetensors")
 
 
-def _rewrite(src, dst, edit):
-    """``src`` with its JSON record edited by ``edit(record)`` (weights untouched)."""
-    from safetensors import safe_open
-
-    with safe_open(str(src), "pt") as f:
-        record = json.loads(f.metadata()[serialize.META_KEY])
-    edit(record)
-    save_file(load_file(str(src)), str(dst), metadata={serialize.META_KEY: json.dumps(record)})
-    return dst
-
-
 def test_flipped_bit_in_the_weights_is_refused(saved, tmp_path):
     data = bytearray(saved.read_bytes())
     data[-3] ^= 0x10
@@ -158,7 +146,7 @@ def test_foreign_files_are_refused(tmp_path):
     (lambda r: r.update(digest="sha256:0"), "digest"),
 ])
 def test_tampered_records_are_refused(saved, tmp_path, edit, needle):
-    path = _rewrite(saved, tmp_path / "edited.safetensors", edit)
+    path = rewrite_model_record(saved, tmp_path / "edited.safetensors", edit)
     with pytest.raises(CorruptFileError, match=needle):
         load(path)
 

@@ -1,18 +1,16 @@
 """Model files of heterogeneous and smp TargetNets (issue 13): connectors (ConnectedCoding,
 ConnectedTail) and segmentation-models-pytorch blocks are described, rebuilt bit-identically, and a
 tampered record naming anything off the allow-list is refused before anything is built."""
-import builtins
 import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from pyamalgam import Amalgamator
-from pyamalgam._testing import tiny_loader
+from pyamalgam._testing import hide_package, rewrite_model_record, tiny_loader
 from pyamalgam.deploy import load, load_record, save_model
 from pyamalgam.engine import CorruptFileError
-from pyamalgam.models import records, serialize, unet_vgg
+from pyamalgam.models import records, unet_vgg
 from pyamalgam.models.connected import BlockConnector, ConnectedCoding, ConnectedTail
 
 
@@ -24,16 +22,6 @@ def _same_outputs(a, b, x):
     assert sorted(out_a) == sorted(out_b)
     for k in out_a:
         assert torch.equal(out_a[k], out_b[k]), k
-
-
-def _rewrite(src, dst, edit):
-    from safetensors import safe_open
-
-    with safe_open(str(src), "pt") as f:
-        record = json.loads(f.metadata()[serialize.META_KEY])
-    edit(record)
-    save_file(load_file(str(src)), str(dst), metadata={serialize.META_KEY: json.dumps(record)})
-    return dst
 
 
 # ---------------------------------------------------------------- heterogeneous teachers
@@ -97,7 +85,7 @@ def test_a_resizing_connector_is_rebuilt_from_its_node(student, teacher):
 ])
 def test_tampered_connector_records_are_refused(hetero_file, tmp_path, edit, needle):
     _, path = hetero_file
-    bad = _rewrite(path, tmp_path / "edited.safetensors", lambda r: edit(r["architecture"]))
+    bad = rewrite_model_record(path, tmp_path / "edited.safetensors", lambda r: edit(r["architecture"]))
     with pytest.raises(CorruptFileError, match=needle):
         load(bad)
 
@@ -174,20 +162,13 @@ def test_an_smp_model_the_file_cannot_name_is_refused_at_save(smp, tmp_path):
 ])
 def test_tampered_smp_records_are_refused(smp_file, tmp_path, edit, needle):
     _, path, _ = smp_file
-    bad = _rewrite(path, tmp_path / "edited.safetensors", lambda r: edit(r["architecture"]))
+    bad = rewrite_model_record(path, tmp_path / "edited.safetensors", lambda r: edit(r["architecture"]))
     with pytest.raises(CorruptFileError, match=needle):
         load(bad)
 
 
 def test_without_smp_loading_an_smp_file_says_how_to_install_it(smp_file, monkeypatch):
     _, path, _ = smp_file
-    real_import = builtins.__import__
-
-    def no_smp(name, *args, **kwargs):
-        if name.split(".")[0] == "segmentation_models_pytorch":
-            raise ModuleNotFoundError("No module named 'segmentation_models_pytorch'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_smp)
+    hide_package(monkeypatch, "segmentation_models_pytorch")
     with pytest.raises(ImportError, match=r'holds a segmentation-models-pytorch network; .*pip install "pyamalgam\[smp\]"'):
         load(path)

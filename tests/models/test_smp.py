@@ -3,14 +3,13 @@
 Every smp test builds its models with ``encoder_weights=None`` (nothing is downloaded) and skips
 when smp is not installed, except the one that simulates its absence.
 """
-import builtins
 import math
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pyamalgam._testing import torch_threads
+from pyamalgam._testing import hide_package, torch_threads
 from pyamalgam.models import BlockNetwork, BlockTrunk, block_shapes, from_smp, missing_members
 from pyamalgam.models.protocol import count_parameters
 
@@ -152,14 +151,7 @@ def test_unsupported_architectures_and_encoders_say_why(smp):
 
 
 def test_without_smp_the_error_says_how_to_install_it(monkeypatch):
-    real_import = builtins.__import__
-
-    def no_smp(name, *args, **kwargs):
-        if name.split(".")[0] == "segmentation_models_pytorch":
-            raise ModuleNotFoundError("No module named 'segmentation_models_pytorch'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_smp)
+    hide_package(monkeypatch, "segmentation_models_pytorch")
     with pytest.raises(ImportError, match=r'needs segmentation-models-pytorch: pip install "pyamalgam\[smp\]"'):
         from_smp(torch.nn.Conv2d(3, 3, 1))
 
