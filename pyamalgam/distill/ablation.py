@@ -46,7 +46,7 @@ ROWS = (
     ("+PI+PA", {"pi": 10.0, "pa": 10.0}),
     ("+PI+PA local (α=9, β=2×2)", {"pi": 10.0, "pa": {"weight": 10.0, "radius": 1, "patch": 2}}),
     # the critic at width 16 (16..128 channels, 0.33 M parameters), not the public code's 64 (5.3 M):
-    # scaled to these 0.06-0.24 M students, and 4x cheaper a step (docs/distiller.md)
+    # scaled to these 0.06-0.24 M students, and a third of the time per ablation step (docs/distiller.md)
     ("+PI+PA+HO", {"pi": 10.0, "pa": 10.0, "ho": {"weight": 0.1, "width": CRITIC_WIDTH}}),
     ("+CWD", {"cwd": 3.0}),
 )
